@@ -1,0 +1,14 @@
+"""Music2Latent2: a consistency-model audio autoencoder with summary embeddings.
+
+    >>> from music2latent2 import EncoderDecoder
+    >>> encdec = EncoderDecoder()
+    >>> z = encdec.encode("song.wav")           # (C, 64, L), L = 8 per 32,768 samples
+    >>> wav = encdec.decode(z, length=n)        # (C, n) at 44.1 kHz
+"""
+
+from .config import ModelConfig
+from .inference import EncoderDecoder
+from .model import Music2Latent2
+
+__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Reading, validating, converting and resampling user audio."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Tuple, Union
+
+import numpy as np
+import soundfile as sf
+import torch
+
+__all__ = ["AudioLike", "load_audio", "to_float_array", "resample", "check_finite"]
+
+AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+
+def load_audio(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:
+    """Read an audio file. Returns ((C, T) float32 in [-1, 1], sample rate)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"audio file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"not a file: {p}")
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (T, C)
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise ValueError(f"cannot read audio file {p}: {err}") from err
+    if data.size == 0:
+        raise ValueError(f"audio file is empty: {p}")
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+def to_float_array(x: Union[np.ndarray, torch.Tensor], name: str = "audio") -> torch.Tensor:
+    """Convert PCM of any common dtype to a float32 tensor in [-1, 1] (device kept)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be float or integer PCM, got numpy dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        raise TypeError(f"{name} must be a path, numpy array or torch tensor, got {type(x).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be real float or integer PCM, got {t.dtype}")
+    if t.is_floating_point():
+        return t.float()
+    scale = {torch.int16: 32768.0, torch.int32: 2147483648.0, torch.int8: 128.0, torch.int64: 2.0 ** 63}
+    if t.dtype == torch.uint8:  # unsigned 8-bit PCM is offset by 128
+        return (t.float() - 128.0) / 128.0
+    if t.dtype not in scale:
+        raise TypeError(f"unsupported {name} dtype {t.dtype}")
+    return t.float() / scale[t.dtype]
+
+
+def check_finite(x: torch.Tensor, name: str = "audio") -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def resample(x: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
+    """Resample (..., T) along the last axis with soxr (high quality). Device is kept."""
+    if sr_in == sr_out:
+        return x
+    if sr_in <= 0:
+        raise ValueError(f"sample rate must be positive, got {sr_in}")
+    import soxr
+
+    lead, n = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, n).detach().cpu().numpy().T  # (T, channels) as soxr expects
+    out = soxr.resample(np.ascontiguousarray(flat), sr_in, sr_out)
+    out = torch.from_numpy(np.ascontiguousarray(out.T if out.ndim == 2 else out[None]))
+    return out.reshape(*lead, -1).to(x.device)

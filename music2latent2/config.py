@@ -1,0 +1,201 @@
+"""Model configuration: one dataclass that describes a Music2Latent2 network completely.
+
+The config travels with the weights (it is stored as JSON in the safetensors metadata), so a
+checkpoint can always be rebuilt without guessing hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+__all__ = ["ModelConfig", "PRESETS"]
+
+
+@dataclass
+class ModelConfig:
+    """Every hyperparameter of a Music2Latent2 model.
+
+    Spectral, EDM and token-layout numbers default to the paper's (see SPEC.md); the
+    architecture sizes default to the ``"paper"`` preset.
+
+    Attributes:
+        audio_channels: 1 for the mono model, 2 for the stereo variant (4 spectrogram channels).
+        sample_rate: audio sample rate the model works at.
+        n_fft: STFT size and Hann window length.
+        hop_length: STFT hop.
+        freq_bins: rfft bins kept (the Nyquist bin is dropped).
+        spec_alpha: amplitude-compression exponent.
+        spec_beta: amplitude-compression gain.
+        chunk_frames: STFT frames per chunk (the encoder's unit of work).
+        summary_tokens: K, summary embeddings per chunk.
+        latent_dim: d_lat, dimension of each summary embedding.
+        latent_scale: user-facing latents are ``tanh(...) * latent_scale`` so they have roughly
+            unit standard deviation (measured on training data at export time; 1.0 for an
+            untrained model).
+        channels: conv channels per resolution level of the (de-)patchifiers.
+        layers: residual blocks per level.
+        freq_down: frequency downsampling factor between level i and i+1.
+        time_down: time downsampling factor between level i and i+1.
+        dim: transformer width.
+        depth: transformer blocks in each of the three modules.
+        heads: attention heads.
+        mlp_ratio: transformer MLP expansion.
+        norm_groups: GroupNorm groups in conv blocks (reduced automatically for narrow layers).
+        noise_embed_dim: channels of the sinusoidal noise-level embedding.
+        cond_dim: width of the noise-conditioning vector fed to AdaLN.
+        sigma_min / sigma_max / sigma_data / rho: EDM constants.
+    """
+
+    audio_channels: int = 1
+    sample_rate: int = 44100
+    n_fft: int = 2048
+    hop_length: int = 512
+    freq_bins: int = 1024
+    spec_alpha: float = 0.65
+    spec_beta: float = 0.34
+    chunk_frames: int = 64
+    summary_tokens: int = 8
+    latent_dim: int = 64
+    latent_scale: float = 1.0
+    channels: List[int] = field(default_factory=lambda: [64, 128, 256, 256, 256, 256])
+    layers: List[int] = field(default_factory=lambda: [3, 3, 3, 4, 5, 1])
+    freq_down: List[int] = field(default_factory=lambda: [4, 2, 2, 2, 2])
+    time_down: List[int] = field(default_factory=lambda: [1, 2, 2, 2, 2])
+    dim: int = 256
+    depth: int = 16
+    heads: int = 4
+    mlp_ratio: int = 4
+    norm_groups: int = 32
+    noise_embed_dim: int = 256
+    cond_dim: int = 256
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- derived sizes
+    @property
+    def spec_channels(self) -> int:
+        """Real/imaginary planes per audio channel: (B, spec_channels, freq_bins, frames)."""
+        return 2 * self.audio_channels
+
+    @property
+    def chunk_samples(self) -> int:
+        """Waveform samples one chunk stands for (its hop span): 64 * 512 = 32,768."""
+        return self.chunk_frames * self.hop_length
+
+    @property
+    def token_grid(self) -> Tuple[int, int]:
+        """(freq, time) size of the patch grid at the bottom of the patchifier."""
+        f, t = self.freq_bins, self.chunk_frames
+        for fd, td in zip(self.freq_down, self.time_down):
+            f, t = f // fd, t // td
+        return f, t
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        f, t = self.token_grid
+        return f * t
+
+    @property
+    def latents_per_second(self) -> float:
+        return self.summary_tokens * self.sample_rate / self.chunk_samples
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        levels = len(self.channels)
+        if levels < 1 or len(self.layers) != levels:
+            raise ValueError(f"channels ({self.channels}) and layers ({self.layers}) must have the same non-zero length")
+        if len(self.freq_down) != levels - 1 or len(self.time_down) != levels - 1:
+            raise ValueError("freq_down and time_down need one factor per transition between levels "
+                             f"({levels - 1}), got {self.freq_down} and {self.time_down}")
+        f, t = self.freq_bins, self.chunk_frames
+        for fd, td in zip(self.freq_down, self.time_down):
+            if fd < 1 or td < 1 or f % fd or t % td:
+                raise ValueError(f"downsampling factors {self.freq_down}/{self.time_down} do not divide "
+                                 f"the chunk ({self.freq_bins} bins x {self.chunk_frames} frames)")
+            f, t = f // fd, t // td
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.audio_channels not in (1, 2):
+            raise ValueError(f"audio_channels must be 1 or 2, got {self.audio_channels}")
+        if self.freq_bins > self.n_fft // 2:
+            raise ValueError(f"freq_bins ({self.freq_bins}) exceeds n_fft // 2 ({self.n_fft // 2})")
+        if self.n_fft % self.hop_length:
+            raise ValueError("n_fft must be a multiple of hop_length")
+        if not self.latent_scale > 0:
+            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"model config is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError("model config JSON must be an object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """Build a named preset: ``"paper"``, ``"paper_stereo"``, ``"small"`` or ``"tiny"``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        data = dict(PRESETS[name])
+        data.update(overrides)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The paper's sizes: 3 modules x 16 blocks, dim 256, 5 downsamplings -> a 16 x 4 patch grid.
+    "paper": {},
+    "paper_stereo": {"audio_channels": 2},
+    # Same design, narrower and shallower: the first checkpoint we train.
+    "small": {
+        "channels": [32, 64, 96, 128, 160, 160],
+        "layers": [1, 2, 2, 2, 2, 1],
+        "dim": 192,
+        "depth": 6,
+        "heads": 4,
+        "noise_embed_dim": 192,
+        "cond_dim": 192,
+    },
+    # For tests: same token layout (64 tokens per chunk), a few hundred thousand parameters.
+    "tiny": {
+        "channels": [8, 16, 32, 32],
+        "layers": [1, 1, 1, 1],
+        "freq_down": [4, 4, 4],
+        "time_down": [2, 2, 4],
+        "dim": 32,
+        "depth": 2,
+        "heads": 2,
+        "mlp_ratio": 2,
+        "norm_groups": 8,
+        "noise_embed_dim": 32,
+        "cond_dim": 32,
+    },
+}

@@ -1,0 +1,278 @@
+"""``EncoderDecoder``: the user-facing API (audio in, latents out, and back).
+
+It keeps chunking, padding, batching, precision and latent scaling apart from the network
+(:class:`~music2latent2.model.Music2Latent2`), which only ever sees fixed-size chunks.
+
+Output-length contract: ``decode(encode(x), length=len(x))`` returns exactly ``len(x)`` samples,
+time-aligned with ``x`` (zero lag). Without ``length`` it returns ``num_chunks * 32768``
+samples, the span the latents stand for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, ContextManager, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .audio import AudioLike, check_finite, load_audio, resample, to_float_array
+from .config import ModelConfig
+from .model import Music2Latent2
+from .sampling import iter_autoregressive, map_batches
+from .spectral import pad_for_chunks
+
+__all__ = ["EncoderDecoder"]
+
+PRECISIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class _Batch:
+    """Audio normalised to (B, C, T) float32 on the model device, and how to give results back."""
+
+    wav: torch.Tensor
+    ndim: int
+    kind: str  # "numpy" or "torch"
+    device: torch.device
+
+
+def _parse_precision(precision: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(precision, torch.dtype):
+        if precision not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"precision must be float32, bfloat16 or float16, got {precision}")
+        return precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+class EncoderDecoder:
+    """Encode audio to Music2Latent2 latents and decode latents back to audio.
+
+    Args:
+        model: a :class:`Music2Latent2` module, a manifest name, a local checkpoint file or
+            directory, or None for the default pretrained model.
+        device: where to run; default CUDA when available, else CPU.
+        precision: "float32" (default), "bfloat16" or "float16": autocast on the model's device
+            type for the network; spectral transforms always run in float32.
+        max_batch_size: default for ``encode``/``decode``: chunks (encode) or sequences (decode)
+            per forward pass.
+    """
+
+    def __init__(self, model: Union[Music2Latent2, str, os.PathLike, None] = None,
+                 device: Union[str, torch.device, None] = None, precision: Union[str, torch.dtype] = "float32",
+                 max_batch_size: int = 32) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if not isinstance(model, Music2Latent2):
+            from .hub import load_model
+
+            model = load_model(model)
+        self.model = model.to(self.device).eval()
+        self.precision = _parse_precision(precision)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def chunk_samples(self) -> int:
+        return self.config.chunk_samples
+
+    def _autocast(self) -> ContextManager[Any]:
+        if self.precision == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.precision)
+
+    def _batch_size(self, max_batch_size: Optional[int]) -> int:
+        size = self.max_batch_size if max_batch_size is None else max_batch_size
+        if size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {size}")
+        return size
+
+    # ----------------------------------------------------------------- input handling
+    def _prepare_audio(self, audio: AudioLike, sr: int) -> _Batch:
+        if isinstance(audio, (str, os.PathLike)):
+            data, sr = load_audio(audio)
+            wav, ndim, kind, device = torch.from_numpy(data), 2, "numpy", torch.device("cpu")
+        else:
+            kind = "numpy" if isinstance(audio, np.ndarray) else "torch"
+            wav = to_float_array(audio)
+            ndim, device = wav.ndim, wav.device
+            if ndim not in (1, 2, 3):
+                raise ValueError(f"audio must have shape (T,), (C, T) or (B, C, T); got {tuple(wav.shape)}")
+        if not isinstance(sr, (int, np.integer)) or sr <= 0:
+            raise ValueError(f"sr must be a positive integer, got {sr!r}")
+        check_finite(wav)
+        wav = wav.reshape((1, 1) + tuple(wav.shape[-1:]) if ndim == 1 else (-1,) + tuple(wav.shape[-2:]))
+        if wav.shape[-1] == 0:
+            raise ValueError("audio is empty (0 samples)")
+        wav = resample(wav, int(sr), self.sample_rate)
+        return _Batch(wav.to(self.device), ndim, kind, device)
+
+    def _sequences(self, wav: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) audio -> (S, audio_channels, T) sequences the model encodes one by one."""
+        b, c, n = wav.shape
+        if self.config.audio_channels == 1:
+            return wav.reshape(b * c, 1, n)
+        if c == 1:
+            return wav.expand(b, 2, n)
+        if c != 2:
+            raise ValueError(f"a stereo model needs 1 or 2 audio channels, got {c}")
+        return wav
+
+    def _give_back(self, x: torch.Tensor, batch_ndim: int, kind: str, device: torch.device) -> Union[np.ndarray, torch.Tensor]:
+        if batch_ndim != 3:
+            x = x[0]
+        if kind == "numpy":
+            return x.float().cpu().numpy()
+        return x.to(device)
+
+    # ----------------------------------------------------------------- encode
+    @torch.inference_mode()
+    def encode(self, audio: AudioLike, sr: int = 44100, extract_features: bool = False,
+               max_batch_size: Optional[int] = None) -> Union[np.ndarray, torch.Tensor]:
+        """Encode audio into latents (or MIR features).
+
+        Args:
+            audio: a file path (read at its own sample rate), or an array/tensor shaped (T,),
+                (C, T) or (B, C, T), float or integer PCM.
+            sr: sample rate of an array/tensor input (ignored for paths); resampled to 44.1 kHz.
+            extract_features: return per-chunk features instead of latents.
+            max_batch_size: chunks per encoder forward pass.
+
+        Returns:
+            Latents (C, d_lat, L) for (T,) or (C, T) input, (B, C, d_lat, L) for (B, C, T), with
+            L = K * chunks and chunk t's K embeddings at positions K*t .. K*t+K-1; scaled by
+            ``config.latent_scale``. C is 1 for (T,) input and for a stereo model. With
+            ``extract_features``: (C, K * dim, chunks) (or with a leading B), the K summary
+            embeddings before the encoder's last linear layer, stacked. numpy in -> numpy out;
+            torch in -> torch out on the input's device; path in -> numpy out.
+        """
+        batch = self._prepare_audio(audio, sr)
+        b = batch.wav.shape[0]
+        seqs = self._sequences(batch.wav)  # (S, ac, T)
+        latents, features = self._encode_sequences(seqs, self._batch_size(max_batch_size))
+        out = features if extract_features else latents
+        out = out.reshape(b, -1, *out.shape[1:])  # (B, C, ., .)
+        return self._give_back(out, batch.ndim, batch.kind, batch.device)
+
+    def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(S, ac, T) waveforms -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
+        cfg = self.config
+        padded, chunks = pad_for_chunks(seqs, cfg.chunk_samples, cfg.n_fft, cfg.hop_length)
+        span = cfg.chunk_samples + cfg.n_fft - cfg.hop_length  # samples behind one chunk's frames
+        windows = padded.unfold(-1, span, cfg.chunk_samples)  # (S, ac, chunks, span), a view
+        s = seqs.shape[0]
+        index = torch.arange(s * chunks, device=seqs.device)
+
+        def encode_group(idx: torch.Tensor) -> torch.Tensor:
+            wav = windows[idx // chunks, :, idx % chunks]  # (n, ac, span)
+            spec = self.model.spectral(wav)  # (n, 2ac, F, chunk_frames), float32
+            with self._autocast():
+                z, feats = self.model.encode_chunks(spec)
+            return torch.cat([z.float(), feats.float()], dim=-1)  # (n, K, d_lat + dim)
+
+        out = map_batches(encode_group, max_batch_size, index)  # (S*chunks, K, d_lat + dim)
+        z, feats = out.split([cfg.latent_dim, cfg.dim], dim=-1)
+        k = cfg.summary_tokens
+        latents = z.reshape(s, chunks, k, cfg.latent_dim).permute(0, 3, 1, 2).reshape(s, cfg.latent_dim, chunks * k)
+        features = feats.reshape(s, chunks, k * cfg.dim).transpose(1, 2)
+        return latents * cfg.latent_scale, features.contiguous()
+
+    # ----------------------------------------------------------------- decode
+    def _prepare_latents(self, latents: Union[np.ndarray, torch.Tensor]) -> _Batch:
+        cfg = self.config
+        if isinstance(latents, np.ndarray):
+            kind, z = "numpy", torch.from_numpy(np.ascontiguousarray(latents))
+        elif isinstance(latents, torch.Tensor):
+            kind, z = "torch", latents.detach()
+        else:
+            raise TypeError(f"latents must be a numpy array or torch tensor, got {type(latents).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {z.dtype}")
+        if z.ndim not in (3, 4) or z.shape[-2] != cfg.latent_dim:
+            raise ValueError(f"latents must have shape (C, {cfg.latent_dim}, L) or (B, C, {cfg.latent_dim}, L); "
+                             f"got {tuple(z.shape)}")
+        if z.shape[-1] == 0 or z.shape[-1] % cfg.summary_tokens:
+            raise ValueError(f"latent length must be a positive multiple of K={cfg.summary_tokens}; "
+                             f"got {z.shape[-1]}")
+        check_finite(z, "latents")
+        return _Batch(z.float().to(self.device), z.ndim, kind, z.device)
+
+    @torch.inference_mode()
+    def decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int] = None,
+               max_batch_size: Optional[int] = None, denoising_steps: int = 1, sigma_cond: float = 0.4,
+               seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               ) -> Union[np.ndarray, torch.Tensor]:
+        """Decode latents to 44.1 kHz audio, autoregressively, two-step (paper section IV-4).
+
+        Args:
+            latents: (C, d_lat, L) or (B, C, d_lat, L), as :meth:`encode` returns.
+            length: samples to return (<= chunks * 32768); default all of them.
+            max_batch_size: sequences (channels x batch items) per model evaluation.
+            denoising_steps: consistency steps per chunk (1 = the paper's).
+            sigma_cond: noise level for re-noising the previous chunk (paper: 0.4).
+            seed / generator: make the noise, and so the output, reproducible.
+
+        Returns:
+            (C * audio_channels, length) or (B, C * audio_channels, length) waveform; numpy for
+            numpy latents, torch on the latents' device for torch latents.
+        """
+        cfg = self.config
+        batch = self._prepare_latents(latents)
+        z = batch.wav if batch.ndim == 4 else batch.wav[None]
+        b, c = z.shape[:2]
+        chunks = z.shape[-1] // cfg.summary_tokens
+        total = chunks * cfg.chunk_samples
+        length = total if length is None else int(length)
+        if not 0 < length <= total:
+            raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
+        if denoising_steps < 1:
+            raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
+        if not sigma_cond >= 0:
+            raise ValueError(f"sigma_cond must be >= 0, got {sigma_cond}")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        seq = z.reshape(b * c, cfg.latent_dim, chunks, cfg.summary_tokens).permute(0, 2, 3, 1)  # (S, T, K, d)
+        seq = seq / cfg.latent_scale
+        with self._autocast():
+            stream = iter_autoregressive(self.model, seq, sigma_cond=sigma_cond, denoising_steps=denoising_steps,
+                                         generator=generator, max_batch_size=self._batch_size(max_batch_size))
+            wav = self._assemble(stream, b * c, chunks)
+        wav = wav[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
+        wav = wav.reshape(b, c * cfg.audio_channels, length)
+        return self._give_back(wav, 3 if batch.ndim == 4 else 2, batch.kind, batch.device)
+
+    def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int) -> torch.Tensor:
+        """Overlap-add finished spectrogram chunks into the padded waveform (S, ac, samples)."""
+        cfg = self.config
+        spectral = self.model.spectral
+        span = cfg.chunk_samples + cfg.n_fft - cfg.hop_length
+        out = torch.zeros(sequences, cfg.audio_channels, chunks * cfg.chunk_samples + cfg.n_fft - cfg.hop_length,
+                          device=self.device)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            for t, spec in stream:
+                start = t * cfg.chunk_samples
+                out[..., start:start + span] += spectral.overlap_add_frames(spectral.frames(spec.float()))
+            env = spectral.window_envelope(chunks * cfg.chunk_frames, self.device)
+        return out / env.clamp_min(1e-3)
+
+    def __repr__(self) -> str:
+        return (f"EncoderDecoder(params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}, "
+                f"precision={self.precision}, audio_channels={self.config.audio_channels})")
+

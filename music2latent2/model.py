@@ -1,0 +1,212 @@
+"""The Music2Latent2 network: encoder, decoder and consistency model (paper section IV-2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .edm import consistency_scalings
+from .modules import NoiseEmbedding, TransformerBlock, sinusoidal_positions
+from .patchify import DePatchifier, Patchifier
+from .spectral import SpectralTransform
+
+__all__ = ["Encoder", "Decoder", "ConsistencyModel", "Music2Latent2"]
+
+
+def _grid_to_tokens(h: torch.Tensor) -> torch.Tensor:
+    return h.flatten(2).transpose(1, 2)  # (B, C, f, t) -> (B, f*t, C)
+
+
+def _tokens_to_grid(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    b, n, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])  # (B, N, C) -> (B, C, f, t)
+
+
+class Encoder(nn.Module):
+    """Chunk -> K summary embeddings (TiTok): patchify, append K learned tokens, transform, keep them."""
+
+    def __init__(self, spec_channels: int, channels: Sequence[int], layers: Sequence[int],
+                 freq_down: Sequence[int], time_down: Sequence[int], freq_bins: int, norm_groups: int,
+                 tokens_per_chunk: int, summary_tokens: int, latent_dim: int, dim: int, depth: int,
+                 heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.patchifier = Patchifier(spec_channels, channels, layers, freq_down, time_down, freq_bins, norm_groups)
+        self.token_in = nn.Linear(channels[-1], dim)
+        self.audio_pos = nn.Parameter(sinusoidal_positions(tokens_per_chunk, dim) * 0.02)
+        self.summary_tokens = nn.Parameter(torch.randn(summary_tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.latent_out = nn.Linear(dim, latent_dim)
+
+    def forward(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            spec: (B, spec_channels, freq_bins, chunk_frames) one chunk per batch item.
+
+        Returns:
+            (latents (B, K, latent_dim) in (-1, 1), features (B, K, dim) before the last linear).
+        """
+        grid, _ = self.patchifier(spec)
+        audio = self.token_in(_grid_to_tokens(grid)) + self.audio_pos  # (B, N, D)
+        k = self.summary_tokens.shape[0]
+        x = torch.cat([audio, self.summary_tokens.expand(audio.shape[0], -1, -1)], dim=1)  # (B, N+K, D)
+        for block in self.blocks:
+            x = block(x)
+        features = self.norm(x[:, -k:])  # (B, K, D)
+        return torch.tanh(self.latent_out(features)), features
+
+
+class Decoder(nn.Module):
+    """K summary embeddings -> features at every resolution level for the consistency model."""
+
+    def __init__(self, channels: Sequence[int], layers: Sequence[int], freq_down: Sequence[int],
+                 time_down: Sequence[int], freq_bins: int, norm_groups: int, token_grid: Tuple[int, int],
+                 summary_tokens: int, latent_dim: int, dim: int, depth: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.token_grid = token_grid
+        n_tokens = token_grid[0] * token_grid[1]
+        self.latent_in = nn.Linear(latent_dim, dim)
+        self.summary_pos = nn.Parameter(torch.randn(summary_tokens, dim) * 0.02)
+        self.mask_tokens = nn.Parameter(sinusoidal_positions(n_tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.token_out = nn.Linear(dim, channels[-1])
+        self.depatchifier = DePatchifier(0, channels, layers, freq_down, time_down, freq_bins, norm_groups)
+
+    def forward(self, latents: torch.Tensor) -> List[torch.Tensor]:
+        """latents (B, K, latent_dim) -> per-level features [(B, channels[l], F_l, T_l)], fine first."""
+        summary = self.latent_in(latents) + self.summary_pos  # (B, K, D)
+        n = self.mask_tokens.shape[0]
+        x = torch.cat([self.mask_tokens.expand(latents.shape[0], -1, -1), summary], dim=1)  # (B, N+K, D)
+        for block in self.blocks:
+            x = block(x)
+        grid = _tokens_to_grid(self.token_out(self.norm(x[:, :n])), self.token_grid)
+        _, feats = self.depatchifier(grid)
+        return feats
+
+
+class ConsistencyModel(nn.Module):
+    """Denoises a window of one or two consecutive chunks with chunked causal attention.
+
+    Everything but the transformer runs on each chunk independently with its own noise level;
+    the transformer sees the tokens of the whole window, and chunk c attends only to chunks <= c.
+    """
+
+    def __init__(self, spec_channels: int, channels: Sequence[int], layers: Sequence[int],
+                 freq_down: Sequence[int], time_down: Sequence[int], freq_bins: int, norm_groups: int,
+                 token_grid: Tuple[int, int], dim: int, depth: int, heads: int, mlp_ratio: int,
+                 noise_embed_dim: int, cond_dim: int, sigma_min: float, sigma_data: float,
+                 max_window: int = 2) -> None:
+        super().__init__()
+        self.sigma_min, self.sigma_data = sigma_min, sigma_data
+        self.token_grid = token_grid
+        n_tokens = token_grid[0] * token_grid[1]
+        self.noise_embed = NoiseEmbedding(noise_embed_dim, cond_dim)
+        self.patchifier = Patchifier(spec_channels, channels, layers, freq_down, time_down, freq_bins,
+                                     norm_groups, cond_dim)
+        self.token_in = nn.Linear(channels[-1], dim)
+        self.audio_pos = nn.Parameter(sinusoidal_positions(n_tokens, dim) * 0.02)
+        self.window_pos = nn.Parameter(torch.randn(max_window, dim) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, conditioned=True) for _ in range(depth))
+        # One projection noise -> (6 block modulations + final shift/scale), shared by all blocks.
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 8 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.token_out = nn.Linear(dim, channels[-1])
+        self.depatchifier = DePatchifier(spec_channels, channels, layers, freq_down, time_down, freq_bins,
+                                         norm_groups, cond_dim)
+
+    def forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cross: Sequence[torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            x_noisy: (B, W, C, F, T) noisy chunks, W = 1 or 2 consecutive chunks.
+            sigma: (B, W) noise level of each chunk.
+            cross: decoder features per level, each (B * W, C_l, F_l, T_l), chunk-major in W.
+
+        Returns:
+            (B, W, C, F, T) consistency-model estimate of the clean chunks.
+        """
+        b, w = x_noisy.shape[:2]
+        x = x_noisy.flatten(0, 1)  # (B*W, C, F, T)
+        s = sigma.reshape(b * w).to(x.dtype)
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in consistency_scalings(s, self.sigma_data, self.sigma_min))
+        cond = self.noise_embed(s)  # (B*W, cond)
+
+        grid, skips = self.patchifier(x * c_in, cond, cross)
+        tokens = self.token_in(_grid_to_tokens(grid)) + self.audio_pos  # (B*W, N, D)
+        n, d = tokens.shape[1:]
+        tokens = (tokens.view(b, w, n, d) + self.window_pos[:w, None]).reshape(b, w * n, d)  # (B, W*N, D)
+        mod = self.ada(cond)  # (B*W, 8D): computed per chunk, broadcast to its tokens
+        mod = mod.view(b, w, 1, -1).expand(b, w, n, mod.shape[-1]).reshape(b, w * n, -1)  # (B, W*N, 8D)
+        block_mod, final_mod = mod.split([6 * d, 2 * d], dim=-1)
+        for block in self.blocks:
+            tokens = block(tokens, block_mod, causal_chunks=w)
+        shift, scale = final_mod.chunk(2, dim=-1)
+        tokens = self.norm(tokens) * (1 + scale) + shift
+        grid = _tokens_to_grid(self.token_out(tokens).reshape(b * w, n, -1), self.token_grid)
+        out, _ = self.depatchifier(grid, cond, skips)
+        denoised = c_skip * x + c_out * out.to(x.dtype)
+        return denoised.view_as(x_noisy)
+
+
+class Music2Latent2(nn.Module):
+    """The whole autoencoder. Build from a :class:`ModelConfig`; see ``EncoderDecoder`` for the
+    user-facing API that handles audio, padding, batching and latent scaling."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        conv = dict(channels=c.channels, layers=c.layers, freq_down=c.freq_down, time_down=c.time_down,
+                    freq_bins=c.freq_bins, norm_groups=c.norm_groups)
+        trans = dict(dim=c.dim, depth=c.depth, heads=c.heads, mlp_ratio=c.mlp_ratio)
+        self.spectral = SpectralTransform(c.n_fft, c.hop_length, c.freq_bins, c.spec_alpha, c.spec_beta)
+        self.encoder = Encoder(c.spec_channels, tokens_per_chunk=c.tokens_per_chunk, summary_tokens=c.summary_tokens,
+                               latent_dim=c.latent_dim, **conv, **trans)
+        self.decoder = Decoder(token_grid=c.token_grid, summary_tokens=c.summary_tokens, latent_dim=c.latent_dim,
+                               **conv, **trans)
+        self.consistency = ConsistencyModel(c.spec_channels, token_grid=c.token_grid,
+                                            noise_embed_dim=c.noise_embed_dim, cond_dim=c.cond_dim,
+                                            sigma_min=c.sigma_min, sigma_data=c.sigma_data, **conv, **trans)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode_chunks(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, F, chunk_frames) -> (latents (N, K, d_lat) in (-1, 1), features (N, K, dim))."""
+        return self.encoder(spec)
+
+    def decoder_features(self, latents: torch.Tensor) -> List[torch.Tensor]:
+        """(N, K, d_lat) unscaled latents -> per-level cross-connection features."""
+        return self.decoder(latents)
+
+    def denoise(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cross: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One consistency-model evaluation; see :meth:`ConsistencyModel.forward`."""
+        return self.consistency(x_noisy, sigma, cross)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        """Write ``model.safetensors`` (config and format version in its metadata) and ``config.json``."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike, None] = None) -> "Music2Latent2":
+        """Load a released model by manifest name (None = the default) or a local file/directory."""
+        from .hub import load_model
+
+        return load_model(name_or_path)
+
+    def extra_repr(self) -> str:
+        return f"params={self.num_parameters() / 1e6:.1f}M"
+

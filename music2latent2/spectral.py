@@ -1,0 +1,131 @@
+"""Complex STFT representation with amplitude compression, and its exact inverse.
+
+Layout: a waveform chunk becomes ``(B, 2 * audio_channels, freq_bins, frames)``: real and
+imaginary planes of each audio channel, ``[ch0.re, ch0.im, ch1.re, ch1.im]``.
+
+Time alignment. Frames are cut straight from the waveform (no centering): frame ``f`` covers
+samples ``[f * hop, f * hop + n_fft)``. :func:`pad_for_chunks` puts ``n_fft // 2`` zeros in
+front of the signal, so frame ``f`` is centred on original sample ``f * hop`` and chunk ``t``
+stands for original samples ``[t * chunk_samples, (t + 1) * chunk_samples)``: decoding then
+cropping ``[n_fft // 2 : n_fft // 2 + length]`` gives back the input with zero lag.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SpectralTransform", "pad_for_chunks", "num_chunks_for"]
+
+
+def num_chunks_for(num_samples: int, chunk_samples: int) -> int:
+    """Chunks needed so every one of ``num_samples`` samples lies inside a chunk's span."""
+    return max(1, math.ceil(num_samples / chunk_samples))
+
+
+def pad_for_chunks(wav: torch.Tensor, chunk_samples: int, n_fft: int, hop_length: int) -> Tuple[torch.Tensor, int]:
+    """Zero-pad the last axis so it gives a whole number of chunks of frames.
+
+    Args:
+        wav: (..., N) waveform.
+
+    Returns:
+        (padded, num_chunks): padded has ``num_chunks * chunk_samples + n_fft - hop_length``
+        samples, with ``n_fft // 2`` zeros in front of the original signal.
+    """
+    n = wav.shape[-1]
+    chunks = num_chunks_for(n, chunk_samples)
+    total = chunks * chunk_samples + n_fft - hop_length
+    left = n_fft // 2
+    return F.pad(wav, (left, total - left - n)), chunks
+
+
+class SpectralTransform(nn.Module):
+    """Waveform <-> compressed complex spectrogram.
+
+    Forward: STFT (Hann, ``n_fft``, ``hop_length``, no centering), keep ``freq_bins`` bins,
+    ``c' = beta * |c| ** alpha * exp(i * angle(c))``, real/imag as channels.
+
+    Inverse: undo the compression, append zero bins up to Nyquist, irfft each frame, window it
+    and overlap-add, then divide by the summed squared window.
+
+    Why a custom inverse: ``torch.istft`` insists on the NOLA condition over the whole output,
+    but without centering the periodic Hann window is exactly zero at the first sample, so it
+    refuses these spectrograms. Writing the overlap-add ourselves also lets the decoder add one
+    chunk's frames at a time into a preallocated buffer (:meth:`overlap_add_frames`), which keeps
+    decoding memory flat in the audio length.
+    """
+
+    window: torch.Tensor
+
+    def __init__(self, n_fft: int = 2048, hop_length: int = 512, freq_bins: int = 1024,
+                 alpha: float = 0.65, beta: float = 0.34) -> None:
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.freq_bins = freq_bins
+        self.alpha = alpha
+        self.beta = beta
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+
+    def num_frames(self, num_samples: int) -> int:
+        return (num_samples - self.n_fft) // self.hop_length + 1
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """Args: wav (B, C, N) float. Returns (B, 2C, freq_bins, frames) float32."""
+        b, c, n = wav.shape
+        if n < self.n_fft:
+            raise ValueError(f"need at least n_fft={self.n_fft} samples, got {n}")
+        wav = wav.reshape(b * c, n).float()
+        spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window.to(wav.device),
+                          center=False, return_complex=True)  # (B*C, n_fft/2+1, frames)
+        spec = spec[:, : self.freq_bins]
+        mag = spec.abs()
+        # Compressing |c| keeps the phase: scale the complex value by beta * |c|^(alpha - 1).
+        gain = self.beta * mag.clamp_min(1e-12).pow(self.alpha - 1.0)
+        spec = spec * torch.where(mag > 0, gain, torch.zeros_like(gain))
+        out = torch.view_as_real(spec).permute(0, 3, 1, 2)  # (B*C, 2, F, T)
+        return out.reshape(b, 2 * c, self.freq_bins, -1)
+
+    def frames(self, spec: torch.Tensor) -> torch.Tensor:
+        """Windowed time-domain frames of a compressed spectrogram.
+
+        Args: spec (B, 2C, freq_bins, T). Returns (B, C, n_fft, T) float32.
+        """
+        b, c2, fb, t = spec.shape
+        spec = spec.float().reshape(b * c2 // 2, 2, fb, t).permute(0, 2, 3, 1).contiguous()
+        spec = torch.view_as_complex(spec)  # (B*C, F, T)
+        mag = spec.abs()
+        gain = (mag.clamp_min(1e-12) / self.beta).pow(1.0 / self.alpha) / mag.clamp_min(1e-12)
+        spec = spec * torch.where(mag > 0, gain, torch.zeros_like(gain))
+        spec = F.pad(spec, (0, 0, 0, self.n_fft // 2 + 1 - fb))  # zero bins up to Nyquist
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=1)  # (B*C, n_fft, T)
+        frames = frames * self.window.to(frames.device)[:, None]
+        return frames.reshape(b, c2 // 2, self.n_fft, t)
+
+    def overlap_add_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Overlap-add windowed frames. (B, C, n_fft, T) -> (B, C, (T - 1) * hop + n_fft)."""
+        b, c, n, t = frames.shape
+        length = (t - 1) * self.hop_length + n
+        out = F.fold(frames.reshape(b * c, n, t), output_size=(1, length),
+                     kernel_size=(1, n), stride=(1, self.hop_length))
+        return out.reshape(b, c, length)
+
+    def window_envelope(self, num_frames: int, device: torch.device) -> torch.Tensor:
+        """Sum over frames of the squared window at each output sample: ((T-1)*hop + n_fft,)."""
+        sq = self.window.to(device).pow(2)[None, None, :, None].expand(1, 1, self.n_fft, num_frames)
+        return self.overlap_add_frames(sq.contiguous())[0, 0]
+
+    def inverse(self, spec: torch.Tensor) -> torch.Tensor:
+        """Args: spec (B, 2C, freq_bins, T). Returns (B, C, (T - 1) * hop + n_fft) float32.
+
+        The first and last ``n_fft - hop`` samples are only partly covered by frames; the
+        envelope is clamped there, and :func:`pad_for_chunks` keeps real signal out of them.
+        """
+        wav = self.overlap_add_frames(self.frames(spec))
+        env = self.window_envelope(spec.shape[-1], spec.device)
+        return wav / env.clamp_min(1e-3)
