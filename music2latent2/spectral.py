@@ -3,6 +3,10 @@
 Layout: a waveform chunk becomes ``(B, 2 * audio_channels, freq_bins, frames)``: real and
 imaginary planes of each audio channel, ``[ch0.re, ch0.im, ch1.re, ch1.im]``.
 
+The Nyquist bin is dropped (as in Music2Latent), so the round trip is exact (to float32
+precision) only for signals with no energy at exactly half the sample rate; for music this is
+negligible, for white noise it costs about 1.5% of the signal's RMS.
+
 Time alignment. Frames are cut straight from the waveform (no centering): frame ``f`` covers
 samples ``[f * hop, f * hop + n_fft)``. :func:`pad_for_chunks` puts ``n_fft // 2`` zeros in
 front of the signal, so frame ``f`` is centred on original sample ``f * hop`` and chunk ``t``
