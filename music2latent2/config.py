@@ -111,7 +111,8 @@ class ModelConfig:
         """Raise ``ValueError`` naming the first inconsistent field."""
         levels = len(self.channels)
         if levels < 1 or len(self.layers) != levels:
-            raise ValueError(f"channels ({self.channels}) and layers ({self.layers}) must have the same non-zero length")
+            raise ValueError(f"channels ({self.channels}) and layers ({self.layers}) must have the same "
+                             "non-zero length")
         if len(self.freq_down) != levels - 1 or len(self.time_down) != levels - 1:
             raise ValueError("freq_down and time_down need one factor per transition between levels "
                              f"({levels - 1}), got {self.freq_down} and {self.time_down}")

@@ -9,7 +9,8 @@ import torch
 __all__ = ["consistency_scalings", "sigma_from_index", "index_from_sigma", "karras_sigmas"]
 
 
-def consistency_scalings(sigma: torch.Tensor, sigma_data: float, sigma_min: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def consistency_scalings(sigma: torch.Tensor, sigma_data: float,
+                         sigma_min: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c_skip, c_out, c_in) for ``f(x, sigma) = c_skip x + c_out F(c_in x)``; f(x, sigma_min) = x."""
     c_skip = sigma_data ** 2 / ((sigma - sigma_min) ** 2 + sigma_data ** 2)
     c_out = sigma_data * (sigma - sigma_min) / (sigma_data ** 2 + sigma ** 2).sqrt()

@@ -134,7 +134,8 @@ class EncoderDecoder:
             raise ValueError(f"a stereo model needs 1 or 2 audio channels, got {c}")
         return wav
 
-    def _give_back(self, x: torch.Tensor, batch_ndim: int, kind: str, device: torch.device) -> Union[np.ndarray, torch.Tensor]:
+    def _give_back(self, x: torch.Tensor, batch_ndim: int, kind: str,
+                   device: torch.device) -> Union[np.ndarray, torch.Tensor]:
         if batch_ndim != 3:
             x = x[0]
         if kind == "numpy":

@@ -179,7 +179,8 @@ class TransformerBlock(nn.Module):
                                  nn.Linear(mlp_ratio * dim, dim))
         self.ada_offset = nn.Parameter(torch.zeros(6 * dim)) if conditioned else None
 
-    def forward(self, x: torch.Tensor, modulation: Optional[torch.Tensor] = None, causal_chunks: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulation: Optional[torch.Tensor] = None,
+                causal_chunks: int = 1) -> torch.Tensor:
         """x (B, N, D), modulation (B, N, 6D) for a conditioned block -> (B, N, D)."""
         if self.ada_offset is None:
             x = x + self.attn(self.norm1(x), causal_chunks)
