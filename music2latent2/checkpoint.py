@@ -6,6 +6,7 @@ Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,14 +14,14 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .model import Music2Latent2
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "save_checkpoint", "load_checkpoint", "read_metadata",
-           "CheckpointError"]
+           "sha256_file", "verify_sha256", "CheckpointError", "ChecksumMismatchError"]
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,6 +29,45 @@ WEIGHTS_NAME = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupt, or does not match its config."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """A checkpoint's sha256 differs from the one it was published with.
+
+    Attributes:
+        path: the rejected file.
+        expected: the published sha256 (hex).
+        actual: the sha256 of the file on disk (hex).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], expected: str, actual: str, note: str = "") -> None:
+        self.path = Path(path)
+        self.expected = expected
+        self.actual = actual
+        msg = f"sha256 mismatch for checkpoint {self.path}: expected {expected}, got {actual}"
+        super().__init__(msg + (f"; {note}" if note else ""))
+
+
+def sha256_file(path: Union[str, os.PathLike], block_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``block_size`` blocks so large checkpoints stay out of memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Union[str, os.PathLike], expected: str) -> str:
+    """Check a file against an expected hex sha256; raise :class:`ChecksumMismatchError` if it differs.
+
+    Returns:
+        The file's sha256 (equal to ``expected``, lower-cased).
+    """
+    expected = expected.strip().lower()
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumMismatchError(path, expected, actual)
+    return actual
 
 
 def _weights_path(path: Union[str, os.PathLike]) -> Path:
@@ -40,9 +80,14 @@ def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: 
     """Write the model's weights and config atomically (temp file + rename).
 
     Args:
+        model: the model to save (its ``state_dict`` and ``config``).
         path: a directory (``model.safetensors`` and ``config.json`` are written inside) or a
             ``.safetensors`` file path.
         dtype: store floating-point tensors in this dtype (e.g. torch.float16 to halve the size).
+        extra_metadata: more string key/values for the safetensors metadata.
+
+    Returns:
+        The path of the written ``.safetensors`` file.
     """
     p = Path(path)
     if p.suffix != ".safetensors":
@@ -71,8 +116,6 @@ def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     """The safetensors metadata of a checkpoint, checked for a config and a known format version."""
-    from safetensors import safe_open
-
     p = _weights_path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
@@ -89,9 +132,26 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Music2Latent2:
-    """Build a model from a checkpoint file or directory, strictly. Weights load as float32."""
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+                    sha256: Optional[str] = None) -> Music2Latent2:
+    """Build a model from a checkpoint file or directory, strictly. Weights load as float32.
+
+    Args:
+        path: a ``.safetensors`` file, or a directory holding ``model.safetensors``.
+        map_location: device the returned model is moved to.
+        sha256: if given, the file's hex sha256 must equal it (checked before anything is parsed).
+
+    Raises:
+        CheckpointError: the file is missing, not valid safetensors, has no/invalid config or an
+            unknown format version, or its tensors do not match the config (each missing,
+            unexpected or mis-shaped tensor is named). ChecksumMismatchError (a subclass) if
+            ``sha256`` is given and differs.
+    """
     p = _weights_path(path)
+    if sha256 is not None:
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint not found: {p}")
+        verify_sha256(p, sha256)
     meta = read_metadata(p)
     try:
         config = ModelConfig.from_json(meta["config"])
