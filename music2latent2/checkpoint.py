@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -75,8 +75,8 @@ def _weights_path(path: Union[str, os.PathLike]) -> Path:
     return p / WEIGHTS_NAME if p.is_dir() else p
 
 
-def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
-                    extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: torch.dtype | None = None,
+                    extra_metadata: Dict[str, str] | None = None) -> Path:
     """Write the model's weights and config atomically (temp file + rename).
 
     Args:
@@ -133,7 +133,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
-                    sha256: Optional[str] = None) -> Music2Latent2:
+                    sha256: str | None = None) -> Music2Latent2:
     """Build a model from a checkpoint file or directory, strictly. Weights load as float32.
 
     Args:

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 import torch
 
@@ -79,7 +79,7 @@ class ManifestEntry:
     channels: int
     license: str
     description: str
-    bundled: Optional[str] = None
+    bundled: str | None = None
 
     def to_dict(self) -> Dict[str, Any]:
         """The entry as written in the manifest (without ``name``, which is its key)."""
@@ -89,7 +89,7 @@ class ManifestEntry:
             del data["bundled"]
         return data
 
-    def url(self, endpoint: Optional[str] = None) -> str:
+    def url(self, endpoint: str | None = None) -> str:
         """Download URL of the pinned file."""
         base = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
         return f"{base}/{self.repo_id}/resolve/{self.revision}/{self.filename}"
@@ -100,7 +100,7 @@ class Manifest:
     """A parsed ``weights_manifest.json``: entries by name and the default name (None if unset)."""
 
     path: Path
-    default: Optional[str]
+    default: str | None
     models: Dict[str, ManifestEntry] = field(default_factory=dict)
     note: str = ""
 
@@ -248,7 +248,7 @@ def _purge_cached(path: Path, cache: Path) -> None:
             pass
 
 
-def _from_hub(entry: ManifestEntry, attempts: List[str]) -> Optional[Path]:
+def _from_hub(entry: ManifestEntry, attempts: List[str]) -> Path | None:
     """Cached or downloaded file of ``entry`` with a verified sha256, or None (reason added to attempts)."""
     from huggingface_hub import hf_hub_download
 
@@ -281,7 +281,7 @@ def _from_hub(entry: ManifestEntry, attempts: List[str]) -> Optional[Path]:
     return local
 
 
-def _from_bundle(entry: ManifestEntry, manifest: Manifest, attempts: List[str]) -> Optional[Path]:
+def _from_bundle(entry: ManifestEntry, manifest: Manifest, attempts: List[str]) -> Path | None:
     if entry.bundled is None:
         attempts.append("checkpoint bundled in the package: this entry has none")
         return None
@@ -306,7 +306,7 @@ def _no_weights_message(manifest: Manifest) -> str:
             f"EncoderDecoder(model) with a Music2Latent2 module; set {MANIFEST_ENV} to use another manifest")
 
 
-def resolve_checkpoint(name: Optional[str] = None,
+def resolve_checkpoint(name: str | None = None,
                        manifest: Union[str, os.PathLike, Manifest, None] = None) -> Path:
     """Local path of a verified checkpoint for a manifest name (None = the default).
 
@@ -331,7 +331,7 @@ def resolve_checkpoint(name: Optional[str] = None,
     if path is not None:
         return path
     tried = "\n".join(f"  - {a}" for a in attempts)
-    if any(kind in attempts[0] for kind in _HUB_ANSWERED_NOT_FOUND):
+    if any(f": {kind}: " in attempts[0] for kind in _HUB_ANSWERED_NOT_FOUND):
         fix = ("the Hub answered but has no such file at the pinned revision: upgrade music2latent2 (its manifest "
                "may have moved on) or pass a local checkpoint path, e.g. EncoderDecoder('/path/to/model.safetensors')")
     else:

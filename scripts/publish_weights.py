@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -48,7 +48,7 @@ def infer_preset(config: ModelConfig) -> str:
     return "custom"
 
 
-def upload(checkpoint: Path, repo_id: str, filename: str, token: Optional[str], endpoint: Optional[str],
+def upload(checkpoint: Path, repo_id: str, filename: str, token: str | None, endpoint: str | None,
            private: bool, message: str, api: Any = None) -> str:
     """Create the repo if needed, upload the file, and return the commit sha of the upload."""
     if api is None:
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None, api: Any = None) -> int:
+def main(argv: List[str] | None = None, api: Any = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
     if args.no_upload and not args.revision:
@@ -150,7 +150,8 @@ def main(argv: Optional[List[str]] = None, api: Any = None) -> int:
         entry_data["bundled"] = bundled
     # Validate through the same parser users' loads go through (revision format, sha format, ...).
     try:
-        entry = parse_manifest({"manifest_version": 1, "models": {args.name: entry_data}}, "<new entry>").models[args.name]
+        parsed = parse_manifest({"manifest_version": 1, "models": {args.name: entry_data}}, "<new entry>")
+        entry = parsed.models[args.name]
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     write_manifests(entry, args.default, paths)

@@ -40,7 +40,7 @@ class FakeHub:
 
 
 class Handler(BaseHTTPRequestHandler):
-    server: "HubServer"
+    server: HubServer
 
     def log_message(self, format: str, *args: object) -> None:  # keep pytest output quiet
         pass
@@ -263,7 +263,8 @@ def test_offline_without_cache_says_what_was_tried(hub, monkeypatch) -> None:
 def test_bundled_checkpoint_is_used_offline_and_verified(hub, tiny_checkpoint, tmp_path, monkeypatch) -> None:
     fake, _ = hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    manifest = write_manifest(tmp_path / "pkg" / "weights_manifest.json", tiny_checkpoint[1], bundled="tiny.safetensors")
+    manifest = write_manifest(tmp_path / "pkg" / "weights_manifest.json", tiny_checkpoint[1],
+                              bundled="tiny.safetensors")
     (tmp_path / "pkg" / "weights").mkdir()
     bundled = tmp_path / "pkg" / "weights" / "tiny.safetensors"
     bundled.write_bytes(tiny_checkpoint[1])
