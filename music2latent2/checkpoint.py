@@ -70,6 +70,14 @@ def verify_sha256(path: Union[str, os.PathLike], expected: str) -> str:
     return actual
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """True if a tensor has no NaN/Inf. min/max propagate both, and one aminmax pass is several times
+    faster than a full isfinite mask on CPU (it matters for 100M-parameter checkpoints)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def _weights_path(path: Union[str, os.PathLike]) -> Path:
     p = Path(path)
     return p / WEIGHTS_NAME if p.is_dir() else p
@@ -176,8 +184,10 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         if wrong:
             parts.append(f"mis-shaped tensors {wrong}")
         raise CheckpointError(f"checkpoint {p} does not match its config: " + "; ".join(parts))
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if not _all_finite(t)]
     if bad:
         raise CheckpointError(f"checkpoint {p} has non-finite values in {bad[:5]}")
-    model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}, strict=True)
+    # assign=True adopts the loaded tensors instead of copying them into the freshly initialised ones.
+    model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}, strict=True,
+                          assign=True)
     return model.to(map_location).eval()
