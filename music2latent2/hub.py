@@ -273,11 +273,11 @@ def _from_hub(entry: ManifestEntry, attempts: List[str]) -> Path | None:
         return None
     actual = sha256_file(local)
     if actual != entry.sha256:
+        size = local.stat().st_size
         _purge_cached(local, cache)
         raise ChecksumMismatchError(local, entry.sha256, actual,
-                                    note=f"size {local.stat().st_size if local.exists() else 'n/a'} bytes vs "
-                                         f"{entry.size} published; the file was deleted from the Hugging Face "
-                                         "cache and is downloaded again on the next load")
+                                    note=f"size {size} bytes vs {entry.size} published; the file was deleted from "
+                                         "the Hugging Face cache and is downloaded again on the next load")
     return local
 
 

@@ -184,7 +184,7 @@ def test_corrupt_download_is_rejected_and_not_cached(hub, tiny_checkpoint) -> No
         load_model(NAME)
     msg = str(info.value)
     assert hashlib.sha256(good).hexdigest() in msg and hashlib.sha256(bad).hexdigest() in msg
-    assert "model.safetensors" in msg
+    assert "model.safetensors" in msg and "deleted from the Hugging Face cache" in msg
     assert cached_files(cache) == []  # neither the snapshot link nor the blob survives
 
     fake.files[(REPO, COMMIT, "model.safetensors")] = good
