@@ -195,14 +195,33 @@ class Music2Latent2(nn.Module):
         return self.consistency(x_noisy, sigma, cross)
 
     def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
-        """Write ``model.safetensors`` (config and format version in its metadata) and ``config.json``."""
+        """Write ``model.safetensors`` (config and format version in its metadata) and ``config.json``.
+
+        Args:
+            directory: created if missing; a path ending in ``.safetensors`` writes just that file.
+            dtype: store floating-point weights in this dtype (e.g. torch.float16); they load as float32.
+
+        Returns:
+            The path of the written ``.safetensors`` file (written atomically: temp file + rename).
+        """
         from .checkpoint import save_checkpoint
 
         return save_checkpoint(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, os.PathLike, None] = None) -> "Music2Latent2":
-        """Load a released model by manifest name (None = the default) or a local file/directory."""
+        """Load a model from a local checkpoint or a released one by manifest name (None = the default).
+
+        A local ``.safetensors`` file or a directory holding ``model.safetensors`` is loaded directly;
+        a name from ``weights_manifest.json`` is taken from the Hugging Face cache, downloaded at its
+        pinned commit, or found bundled in the package, and its sha256 is checked before loading
+        (see :mod:`music2latent2.hub`). Loading is strict and uses no pickles.
+
+        Raises:
+            music2latent2.hub.WeightsNotAvailableError: no weights released yet / none reachable
+                (the message lists what was tried and how to fix it).
+            music2latent2.checkpoint.CheckpointError: corrupt, mismatched or sha256-failing file.
+        """
         from .hub import load_model
 
         return load_model(name_or_path)

@@ -1,0 +1,294 @@
+"""Pretrained-weight resolution against a local fake Hub, driven by the real huggingface_hub client.
+
+A ThreadingHTTPServer on 127.0.0.1 answers ``HEAD``/``GET {endpoint}/{repo}/resolve/{rev}/{file}``
+with the headers hf_hub_download needs (X-Repo-Commit, ETag, Content-Length) and can serve wrong
+bytes, drop the connection mid-file, or report an unknown revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2
+from music2latent2.checkpoint import ChecksumMismatchError
+from music2latent2.hub import MANIFEST_ENV, WeightsNotAvailableError, load_model, resolve_checkpoint
+
+REPO = "test-org/m2l2-tiny"
+COMMIT = hashlib.sha1(b"m2l2 test commit").hexdigest()
+NAME = "tiny-test"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "music2latent2"
+
+
+class FakeHub:
+    """State shared with the request handler: served files, failure mode, request log."""
+
+    def __init__(self) -> None:
+        self.files: Dict[Tuple[str, str, str], bytes] = {}
+        self.mode = "ok"  # "ok" or "drop" (GET bodies are cut off half-way)
+        self.requests: List[Tuple[str, str]] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: HubServer
+
+    def log_message(self, format: str, *args: object) -> None:  # keep pytest output quiet
+        pass
+
+    def _find(self) -> Tuple[int, Dict[str, str], bytes]:
+        hub = self.server.hub
+        hub.requests.append((self.command, self.path))
+        parts = urlsplit(self.path).path.lstrip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+            return 404, {"X-Error-Code": "RepoNotFound"}, b""
+        repo, rev, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        repos = {key[0] for key in hub.files}
+        if repo not in repos:
+            return 404, {"X-Error-Code": "RepoNotFound"}, b""
+        if not any(key[:2] == (repo, rev) for key in hub.files):
+            return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, b""
+        data = hub.files.get((repo, rev, filename))
+        if data is None:
+            return 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": rev}, b""
+        headers = {"X-Repo-Commit": rev, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Content-Length": str(len(data)), "Content-Type": "application/octet-stream"}
+        return 200, headers, data
+
+    def _head(self, status: int, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if "Content-Length" not in headers:
+            self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        status, headers, _ = self._find()
+        self._head(status, headers)
+
+    def do_GET(self) -> None:
+        status, headers, data = self._find()
+        if self.server.hub.mode == "drop" and status == 200:
+            if self.headers.get("Range") is None:
+                # Promise the whole file, send half, hang up: the client sees a truncated body.
+                self._head(status, headers)
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+            # Resume attempts (Range requests) get no answer at all.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._head(status, headers)
+        self.wfile.write(data)
+
+
+class HubServer(ThreadingHTTPServer):
+    daemon_threads = True
+    hub: FakeHub
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Music2Latent2, bytes]:
+    torch.manual_seed(0)
+    model = Music2Latent2(ModelConfig.from_preset("tiny")).eval()
+    path = model.save_pretrained(tmp_path_factory.mktemp("ckpt"))
+    return model, path.read_bytes()
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Tuple[Music2Latent2, bytes]
+        ) -> Iterator[Tuple[FakeHub, Path]]:
+    """Serve the tiny checkpoint; point HF_ENDPOINT/HF_HOME and the manifest at temporary places."""
+    from huggingface_hub import constants
+
+    fake = FakeHub()
+    fake.files[(REPO, COMMIT, "model.safetensors")] = tiny_checkpoint[1]
+    server = HubServer(("127.0.0.1", 0), Handler)
+    server.hub = fake
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # in case the outer environment set it
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    manifest = write_manifest(tmp_path / "manifest" / "weights_manifest.json", tiny_checkpoint[1])
+    monkeypatch.setenv(MANIFEST_ENV, str(manifest))
+    try:
+        yield fake, tmp_path / "hf-home" / "hub"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def write_manifest(path: Path, data: bytes, revision: str = COMMIT, bundled: str | None = None) -> Path:
+    entry = {"repo_id": REPO, "revision": revision, "filename": "model.safetensors",
+             "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "config": "tiny",
+             "sample_rate": 44100, "channels": 1, "license": "MIT", "description": "test weights"}
+    if bundled is not None:
+        entry["bundled"] = bundled
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"manifest_version": 1, "default": NAME, "models": {NAME: entry}}))
+    return path
+
+
+def cached_files(cache: Path) -> List[Path]:
+    return sorted(p for p in cache.rglob("*") if p.is_file() and ".locks" not in p.parts and p.name != "CACHEDIR.TAG"
+                  and "refs" not in p.parts)
+
+
+def assert_same_weights(a: Music2Latent2, b: Music2Latent2) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_download_then_offline_from_cache(hub, tiny_checkpoint, monkeypatch) -> None:
+    fake, cache = hub
+    before = sorted(p.name for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts)
+    model = load_model(NAME)
+    assert_same_weights(model, tiny_checkpoint[0])
+    assert [m for m, _ in fake.requests] == ["HEAD", "GET"]
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / "model.safetensors"
+    assert snapshot.is_file() and snapshot.read_bytes() == tiny_checkpoint[1]
+    # Nothing is ever written beside the package.
+    assert sorted(p.name for p in PACKAGE_DIR.rglob("*") if "__pycache__" not in p.parts) == before
+
+    fake.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encdec = EncoderDecoder(NAME, device="cpu")  # manifest name through the public API
+    assert_same_weights(encdec.model, tiny_checkpoint[0])
+    assert_same_weights(EncoderDecoder(device="cpu").model, tiny_checkpoint[0])  # None = manifest default
+    assert fake.requests == []
+
+
+def test_corrupt_download_is_rejected_and_not_cached(hub, tiny_checkpoint) -> None:
+    fake, cache = hub
+    good = tiny_checkpoint[1]
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    fake.files[(REPO, COMMIT, "model.safetensors")] = bytes(bad)
+    with pytest.raises(ChecksumMismatchError) as info:
+        load_model(NAME)
+    msg = str(info.value)
+    assert hashlib.sha256(good).hexdigest() in msg and hashlib.sha256(bad).hexdigest() in msg
+    assert "model.safetensors" in msg and "deleted from the Hugging Face cache" in msg
+    assert cached_files(cache) == []  # neither the snapshot link nor the blob survives
+
+    fake.files[(REPO, COMMIT, "model.safetensors")] = good
+    fake.requests.clear()
+    assert_same_weights(load_model(NAME), tiny_checkpoint[0])
+    assert ("GET" in [m for m, _ in fake.requests])
+
+
+def test_corrupted_cache_entry_is_detected_and_refetched(hub, tiny_checkpoint) -> None:
+    fake, cache = hub
+    path = resolve_checkpoint(NAME)
+    blob = path.resolve()
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0x01
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=hashlib.sha256(bytes(data)).hexdigest()):
+        load_model(NAME)
+    assert not path.exists() and not blob.exists()
+    fake.requests.clear()
+    assert_same_weights(load_model(NAME), tiny_checkpoint[0])
+    assert [m for m, _ in fake.requests] == ["HEAD", "GET"]
+
+
+def test_dropped_connection_errors_then_retry_succeeds(hub, tiny_checkpoint, monkeypatch) -> None:
+    fake, cache = hub
+    fake.mode = "drop"
+    real_sleep = time.sleep
+    # huggingface_hub waits 1 s between its resume attempts; skip the waiting, not the attempts.
+    monkeypatch.setattr(time, "sleep", lambda s: real_sleep(0))
+    with pytest.raises(WeightsNotAvailableError) as info:
+        load_model(NAME)
+    msg = str(info.value)
+    assert f"/{REPO}/resolve/{COMMIT}/model.safetensors" in msg and "HF_HUB_OFFLINE" in msg
+    assert cached_files(cache) == []  # no partial download is kept
+    assert len([m for m, _ in fake.requests if m == "GET"]) >= 2  # the client did try to resume
+
+    fake.mode = "ok"
+    assert_same_weights(load_model(NAME), tiny_checkpoint[0])
+
+
+def test_wrong_revision_is_a_clear_error(hub, tiny_checkpoint, tmp_path) -> None:
+    wrong = "0" * 40
+    manifest = write_manifest(tmp_path / "wrong" / "weights_manifest.json", tiny_checkpoint[1], revision=wrong)
+    with pytest.raises(WeightsNotAvailableError, match=f"pinned revision {wrong} does not exist in {REPO}") as info:
+        load_model(NAME, manifest=manifest)
+    assert "Hub answered but has no such file" in str(info.value)
+
+
+def test_unreachable_hub_without_cache_says_what_was_tried(hub, monkeypatch) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: real_sleep(0))  # huggingface_hub backs off up to ~23 s
+    with pytest.raises(WeightsNotAvailableError) as info:
+        load_model(NAME)
+    msg = str(info.value)
+    assert f"Hugging Face Hub http://127.0.0.1:{port}/{REPO}/resolve/{COMMIT}/model.safetensors" in msg
+    assert "bundled in the package: this entry has none" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_offline_without_cache_says_what_was_tried(hub, monkeypatch) -> None:
+    fake, _ = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotAvailableError) as info:
+        EncoderDecoder(NAME, device="cpu")
+    msg = str(info.value)
+    assert "Tried:" in msg and "not in the cache, and offline mode forbids downloading" in msg
+    assert "bundled in the package: this entry has none" in msg
+    assert "unset HF_HUB_OFFLINE" in msg and "pass its path" in msg
+    assert fake.requests == []
+
+
+def test_bundled_checkpoint_is_used_offline_and_verified(hub, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    fake, _ = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = write_manifest(tmp_path / "pkg" / "weights_manifest.json", tiny_checkpoint[1],
+                              bundled="tiny.safetensors")
+    (tmp_path / "pkg" / "weights").mkdir()
+    bundled = tmp_path / "pkg" / "weights" / "tiny.safetensors"
+    bundled.write_bytes(tiny_checkpoint[1])
+    assert_same_weights(load_model(None, manifest=manifest), tiny_checkpoint[0])
+    assert fake.requests == []
+
+    bundled.write_bytes(tiny_checkpoint[1][:-1] + b"\x00")
+    with pytest.raises(ChecksumMismatchError, match="reinstall"):
+        load_model(NAME, manifest=manifest)
+    assert bundled.exists()  # installed files are reported, never deleted
+
+
+def test_packaged_manifest_has_no_weights_yet(monkeypatch) -> None:
+    monkeypatch.delenv(MANIFEST_ENV, raising=False)
+    with pytest.raises(WeightsNotAvailableError, match="no pretrained Music2Latent2 weights have been released yet"):
+        EncoderDecoder(device="cpu")
+    with pytest.raises(WeightsNotAvailableError, match="released yet"):
+        Music2Latent2.from_pretrained()
+
+
+def test_unknown_names_and_missing_paths(hub, tmp_path) -> None:
+    with pytest.raises(ValueError, match="known models: \\['tiny-test'\\]"):
+        load_model("no-such-model")
+    with pytest.raises(WeightsNotAvailableError, match="no checkpoint file or directory"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match="got int"):
+        load_model(3)  # type: ignore[arg-type]

@@ -1,0 +1,155 @@
+"""weights_manifest.json (both copies), its validation, and scripts/publish_weights.py."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from music2latent2 import ModelConfig, Music2Latent2
+from music2latent2.hub import PACKAGE_MANIFEST, available_models, load_manifest, load_model, parse_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "publish_weights.py"
+COMMIT = "3" * 40
+
+
+def entry(**changes: Any) -> Dict[str, Any]:
+    data = {"repo_id": "org/m", "revision": "a" * 40, "filename": "model.safetensors", "sha256": "b" * 64,
+            "size": 10, "config": "small", "sample_rate": 44100, "channels": 1, "license": "MIT",
+            "description": "x"}
+    data.update(changes)
+    return data
+
+
+def test_top_level_and_packaged_manifests_are_identical() -> None:
+    assert (ROOT / "weights_manifest.json").read_bytes() == PACKAGE_MANIFEST.read_bytes()
+    manifest = load_manifest(PACKAGE_MANIFEST)
+    # No weights are released yet: the default is unset and the list is empty, as the note says.
+    assert manifest.default is None and manifest.models == {} and "No pretrained weights" in manifest.note
+    assert available_models(PACKAGE_MANIFEST) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"revision": "main"}, "revision must be a 40-character"),
+    ({"sha256": "abc"}, "sha256 must be 64"),
+    ({"size": "10"}, "'size' must be int"),
+    ({"channels": 3}, "channels 1 or 2"),
+    ({"bundled": "../evil.safetensors"}, "plain file name"),
+    ({"extra": 1}, "unknown fields \\['extra'\\]"),
+])
+def test_invalid_entries_are_rejected(change: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_manifest({"manifest_version": 1, "default": None, "models": {"m": entry(**change)}}, "test.json")
+    missing = entry()
+    del missing["sha256"]
+    with pytest.raises(ValueError, match="missing field 'sha256'"):
+        parse_manifest({"manifest_version": 1, "models": {"m": missing}}, "test.json")
+
+
+def test_manifest_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="default 'other' is not one of its models"):
+        parse_manifest({"manifest_version": 1, "default": "other", "models": {"m": entry()}}, "t.json")
+    with pytest.raises(ValueError, match="manifest_version 2"):
+        parse_manifest({"manifest_version": 2, "models": {}}, "t.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_manifest(bad)
+    ok = parse_manifest({"manifest_version": 1, "default": "m", "models": {"m": entry(bundled="m.safetensors")}}, "t")
+    assert ok.models["m"].to_dict() == entry(bundled="m.safetensors")
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("publish_weights", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(2)
+    return Music2Latent2(ModelConfig.from_preset("tiny")).save_pretrained(tmp_path_factory.mktemp("pub"))
+
+
+def copy_manifests(tmp_path: Path) -> List[Path]:
+    paths = [tmp_path / "top" / "weights_manifest.json", tmp_path / "pkg" / "weights_manifest.json"]
+    for p in paths:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(PACKAGE_MANIFEST.read_bytes())
+    return paths
+
+
+def test_publish_no_upload_writes_both_manifests(checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    top, pkg = copy_manifests(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(SCRIPT), str(checkpoint.parent), "--name", "tiny-test", "--repo-id", "org/tiny",
+           "--description", "tiny test weights", "--default", "--bundle", "--no-upload", "--revision", COMMIT,
+           "--manifest", str(top), "--manifest", str(pkg)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert top.read_bytes() == pkg.read_bytes()
+    data = json.loads(top.read_text())
+    assert data["default"] == "tiny-test"
+    got = data["models"]["tiny-test"]
+    raw = checkpoint.read_bytes()
+    assert got == {"repo_id": "org/tiny", "revision": COMMIT, "filename": "model.safetensors",
+                   "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "config": "tiny",
+                   "sample_rate": 44100, "channels": 1, "license": "MIT", "description": "tiny test weights",
+                   "bundled": "tiny-test.safetensors"}
+    assert json.loads(done.stdout) == {"tiny-test": got}
+    assert (pkg.parent / "weights" / "tiny-test.safetensors").read_bytes() == raw
+    # The entry it wrote resolves offline through the bundled copy, with its sha256 checked.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model = load_model(None, manifest=pkg)
+    assert model.config == ModelConfig.from_preset("tiny")
+
+    # Refuses a broken checkpoint and a --no-upload without a pinned revision.
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(raw[:1000])
+    script = load_script()
+    for args, why in (([str(broken), "--no-upload", "--revision", COMMIT], "unloadable checkpoint"),
+                      ([str(checkpoint), "--no-upload"], "needs --revision")):
+        with pytest.raises(SystemExit, match=why):
+            script.main([*args, "--name", "x", "--repo-id", "org/x", "--description", "d", "--manifest", str(top)])
+    assert json.loads(top.read_text()) == data  # unchanged by the failed runs
+
+
+def test_publish_upload_pins_the_returned_commit(checkpoint: Path, tmp_path: Path) -> None:
+    script = load_script()
+    calls: List[Any] = []
+
+    class FakeApi:
+        def create_repo(self, **kwargs: Any) -> None:
+            calls.append(("create_repo", kwargs))
+
+        def upload_file(self, **kwargs: Any) -> SimpleNamespace:
+            calls.append(("upload_file", kwargs))
+            return SimpleNamespace(oid="c" * 40)
+
+    top, pkg = copy_manifests(tmp_path)
+    rc = script.main([str(checkpoint), "--name", "tiny-up", "--repo-id", "org/up", "--description", "d",
+                      "--license", "CC-BY-4.0", "--manifest", str(top), "--manifest", str(pkg)], api=FakeApi())
+    assert rc == 0
+    assert [name for name, _ in calls] == ["create_repo", "upload_file"]
+    assert calls[0][1]["repo_id"] == "org/up" and calls[0][1]["exist_ok"] is True
+    assert calls[1][1]["path_in_repo"] == "model.safetensors" and calls[1][1]["path_or_fileobj"] == str(checkpoint)
+    manifest = load_manifest(pkg)
+    assert manifest.default is None  # --default was not given
+    assert manifest.models["tiny-up"].revision == "c" * 40 and manifest.models["tiny-up"].license == "CC-BY-4.0"
+    assert top.read_bytes() == pkg.read_bytes()
+    assert script.infer_preset(ModelConfig.from_preset("small", latent_scale=2.0)) == "small"
+    assert script.infer_preset(ModelConfig.from_preset("tiny", depth=3)) == "custom"
