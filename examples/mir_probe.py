@@ -16,7 +16,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, classes: int, ridge: float = 
 
 def run_probe(x: np.ndarray, labels: List[str], test_fraction: float = 0.25, seed: int = 0) -> Dict[str, float]:
     names = sorted(set(labels))
-    y = np.array([names.index(l) for l in labels])
+    y = np.array([names.index(label) for label in labels])
     train, test = stratified_split(y, test_fraction, seed)
     if len(test) == 0 or len(names) < 2:
         raise ValueError("need at least 2 classes and 2 files per class for a train/test split")
@@ -89,7 +89,7 @@ def run_probe(x: np.ndarray, labels: List[str], test_fraction: float = 0.25, see
             "majority_baseline": float((y[test] == majority).mean())}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir")
     parser.add_argument("--model", required=True, help="manifest name or checkpoint file/directory")

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(model: Optional[str]) -> Tuple[str, str]:
+def model_identity(model: str | None) -> Tuple[str, str]:
     """(name as given, sha256 of its model.safetensors or "" when it is not a local file)."""
     if model is None:
         return "default", ""
@@ -370,7 +370,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``music2latent2`` console script; returns the exit status
     (0 all done, 1 some inputs failed, 2 bad arguments / no inputs / model not loadable)."""
     args = build_parser().parse_args(argv)

@@ -94,7 +94,7 @@ class LatentMetadata:
         return out
 
     @classmethod
-    def from_strings(cls, meta: Dict[str, str], where: str = "latent file") -> "LatentMetadata":
+    def from_strings(cls, meta: Dict[str, str], where: str = "latent file") -> LatentMetadata:
         """Parse :meth:`to_strings` output; raises :class:`LatentFileError` naming what is wrong."""
         if meta.get("format") != LATENT_FORMAT:
             raise LatentFileError(f"{where} is not a music2latent2 latent file (format={meta.get('format')!r})")
