@@ -339,6 +339,7 @@ def _run(args: argparse.Namespace) -> int:
     failures: List[Tuple[Path, str]] = []
     seconds, start = 0.0, time.perf_counter()
     bar = tqdm(total=len(todo), unit="file", desc=args.command, disable=args.quiet or None, dynamic_ncols=True)
+    interrupted, processed = False, 0
     try:
         for job, loaded in _prefetch(todo, runner.load, args.workers):
             try:
@@ -348,21 +349,28 @@ def _run(args: argparse.Namespace) -> int:
             except Exception as err:  # one bad file must not stop a dataset run; listed in the summary
                 failures.append((job.src, f"{type(err).__name__}: {err}"))
                 bar.write(f"failed: {job.src}: {err}", file=sys.stderr)
+            processed += 1
             bar.update(1)
             bar.set_postfix_str(f"{seconds / 3600 / max(time.perf_counter() - start, 1e-9):.3g} audio-h/s")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (see main)
+        interrupted = True
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
-    done = len(todo) - len(failures)
+    done = processed - len(failures)
     shard = f" (shard {index}/{num} of {total} files)" if num > 1 else ""
     print(f"{args.command}: {done} done, {skipped} skipped (already done), {len(failures)} failed{shard}; "
-          f"{seconds / 3600:.3f} h of audio in {elapsed:.1f} s", file=sys.stderr)
+          f"{seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
+          f"({seconds / 3600 / max(elapsed, 1e-9):.3g} audio-h/s)", file=sys.stderr)
     if failures:
         print(f"{len(failures)} file(s) failed:", file=sys.stderr)
         for src, msg in failures:
             print(f"  {src}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    if interrupted:
+        print(f"interrupted after {processed} of {len(todo)} files; finished outputs are complete, "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if failures else 0
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -372,7 +380,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``music2latent2`` console script; returns the exit status
-    (0 all done, 1 some inputs failed, 2 bad arguments / no inputs / model not loadable)."""
+    (0 all done, 1 some inputs failed, 2 bad arguments / no inputs / model not loadable,
+    130 interrupted by Ctrl-C or SIGTERM: finished outputs are kept, re-run to resume)."""
     args = build_parser().parse_args(argv)
     previous: Dict[int, Any] = {}
     try:

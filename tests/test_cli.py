@@ -166,8 +166,8 @@ def test_interrupted_run_resumes_to_identical_outputs(command: str, encoded: Pat
 
     monkeypatch.setattr("music2latent2.latents_io.atomic_write", dies_on_second_file)
     monkeypatch.setattr(cli, "atomic_write", dies_on_second_file)
-    with pytest.raises(KeyboardInterrupt):
-        _run([command, str(src), "-o", str(out), "--workers", "2"], model_dir)
+    assert _run([command, str(src), "-o", str(out), "--workers", "2"], model_dir) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
     monkeypatch.undo()
     first = _files(out)
     assert len(first) == 1 and not any(Path(k).name.startswith(".") for k in first)
