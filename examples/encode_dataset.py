@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stats-only", action="store_true", help="skip encoding (e.g. after all shards ran)")
     args = parser.parse_args(argv)
 
+    status = 0
     if not args.stats_only:
         cmd: List[str] = ["encode", args.data_dir, "-o", args.latent_dir, "--model", args.model,
                           "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{stats['files']} files, {stats['hours']:.3f} h, {stats['count']} latent vectors; "
           f"mean of per-dim means {stats['mean'].mean():+.4f}, mean per-dim std {stats['std'].mean():.4f}; "
           f"saved {out / 'latent_stats.npz'} and latent_stats.json")
-    return 0
+    return status  # 1 when some inputs failed to encode, so scripts notice
 
 
 if __name__ == "__main__":

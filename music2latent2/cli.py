@@ -284,7 +284,9 @@ class Runner:
 
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="music2latent2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="music2latent2", epilog="exit status: 0 ok, 1 some inputs failed, 2 usage error, 130 interrupted",
+        description="Encode, decode, reconstruct and featurize audio files and whole datasets with Music2Latent2.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {"encode": "audio -> .m2l latent files", "decode": ".m2l latent files -> audio",
              "reconstruct": "audio -> audio through the autoencoder", "features": "audio -> .npy MIR features"}
