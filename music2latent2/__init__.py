@@ -8,7 +8,9 @@
 
 from .config import ModelConfig
 from .inference import EncoderDecoder
+from .latents_io import LatentMetadata, load_latents, save_latents
 from .model import Music2Latent2
 
-__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "__version__"]
+__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "LatentMetadata", "save_latents", "load_latents",
+           "__version__"]
 __version__ = "0.1.0"

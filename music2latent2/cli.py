@@ -1,0 +1,397 @@
+"""The ``music2latent2`` command line: encode, decode, reconstruct and featurize whole datasets.
+
+    music2latent2 encode      IN... -o OUT   # audio  -> .m2l latent files
+    music2latent2 decode      IN... -o OUT   # .m2l   -> audio at the original rate and length
+    music2latent2 reconstruct IN... -o OUT   # audio  -> audio (encode + decode)
+    music2latent2 features    IN... -o OUT   # audio  -> .npy per-chunk MIR features
+
+IN may be files or directories (searched recursively); a directory's tree is mirrored under OUT.
+Every output is written atomically, finished outputs are skipped on re-runs (unless
+``--overwrite``), and a bad input is reported and skipped; the exit status is 1 when any input
+failed. ``--shard I/N`` splits the work deterministically across N processes/machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import signal
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .audio import load_audio, resample
+from .latents_io import LatentMetadata, atomic_write, load_latents, save_latents
+
+__all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
+
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
+                              ".snd", ".w64", ".caf", ".rf64"})
+COMMANDS = {  # command -> (input extensions, output suffix or None for --format)
+    "encode": (AUDIO_EXTENSIONS, ".m2l"),
+    "decode": (frozenset({".m2l"}), None),
+    "reconstruct": (AUDIO_EXTENSIONS, None),
+    "features": (AUDIO_EXTENSIONS, ".npy"),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the output it maps to; ``key`` (posix relative output path) drives sharding."""
+
+    src: Path
+    dst: Path
+    key: str
+
+
+# --------------------------------------------------------------------------- planning
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard (0..N-1) a file belongs to: sha1 of its relative output path, modulo N.
+
+    Hash-based (not index-based) so a file's shard depends only on its own path: machines that
+    list a directory at slightly different times still never process a file twice or not at all.
+    """
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % num_shards
+
+
+def _parse_shard(text: str) -> Tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from err
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs N >= 1 and 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str) -> List[Job]:
+    """Map inputs to outputs, mirroring directory trees under ``out``.
+
+    A directory input contributes every file with a matching extension below it (hidden files and
+    folders skipped), written to ``out/<path relative to that directory>``; a file input goes to
+    ``out/<its name>``, or to ``out`` itself when it is the only input and ``out`` already ends in
+    the output suffix. Output suffixes replace input suffixes.
+
+    Raises:
+        ValueError: a missing input, no input files at all, or two inputs mapping to one output.
+    """
+    exts = COMMANDS[command][0]
+    out_path = Path(out)
+    single_file = len(inputs) == 1 and Path(inputs[0]).is_file() and out_path.suffix.lower() == out_suffix
+    pairs: List[Tuple[Path, str]] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if f.is_file() and f.suffix.lower() in exts and not any(s.startswith(".") for s in rel.parts):
+                    pairs.append((f, rel.with_suffix(out_suffix).as_posix()))
+        elif p.is_file():
+            pairs.append((p, out_path.name if single_file else Path(p.name).with_suffix(out_suffix).as_posix()))
+        else:
+            raise ValueError(f"input not found: {p}")
+    if not pairs:
+        raise ValueError(f"no input files found (looked for {', '.join(sorted(exts))})")
+    jobs, seen = [], {}
+    for src, key in pairs:
+        dst = out_path if single_file else out_path / key
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {src} would both be written to {dst}; rename one or run them apart")
+        seen[key] = src
+        jobs.append(Job(src, dst, key))
+    return jobs
+
+
+# --------------------------------------------------------------------------- model identity
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(model: str | None) -> Tuple[str, str]:
+    """(name as given, sha256 of its model.safetensors or "" when it is not a local file)."""
+    if model is None:
+        return "default", ""
+    p = Path(model)
+    weights = p / "model.safetensors" if p.is_dir() else p
+    return model, file_sha256(weights) if weights.is_file() else ""
+
+
+# --------------------------------------------------------------------------- loading
+def _prefetch(jobs: Sequence[Job], load: Callable[[Job], Any], workers: int) -> Iterator[Tuple[Job, Any]]:
+    """Yield (job, load(job) or the exception it raised), in order, loading ahead in threads.
+
+    While the model works on file i, up to ``2 * workers`` later files are read and resampled
+    (soundfile and soxr release the GIL, so this overlaps with the network).
+    """
+
+    def safe(job: Job) -> Any:
+        try:
+            return load(job)
+        except Exception as err:  # reported per file by the caller; the run goes on
+            return err
+
+    if workers <= 0:
+        for job in jobs:
+            yield job, safe(job)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m2l-load") as pool:
+        pending: List[Tuple[Job, Future]] = []
+        it = iter(jobs)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    job = next(it, None)
+                    if job is None:
+                        break
+                    pending.append((job, pool.submit(safe, job)))
+                if not pending:
+                    return
+                job, fut = pending.pop(0)
+                yield job, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+@dataclass
+class LoadedAudio:
+    wav: torch.Tensor  # (C, T) at the model's rate
+    sr: int  # original rate
+    length: int  # original length in samples
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.length / self.sr
+
+
+def _load_audio_job(job: Job, model_sr: int, mono: bool) -> LoadedAudio:
+    data, sr = load_audio(job.src)
+    if mono:
+        data = data.mean(axis=0, keepdims=True)
+    if not np.isfinite(data).all():
+        raise ValueError(f"audio file contains NaN or infinite values: {job.src}")
+    wav = resample(torch.from_numpy(data), sr, model_sr)
+    return LoadedAudio(wav, sr, data.shape[-1], data.shape[0])
+
+
+# --------------------------------------------------------------------------- writers
+def _write_audio(path: Path, wav: np.ndarray, sr: int, fmt: str) -> None:
+    """(C, T) float -> 16-bit PCM WAV/FLAC, atomically. Clipped first: PCM conversion would wrap."""
+    import soundfile as sf
+
+    data = np.clip(wav, -1.0, 1.0).T
+    atomic_write(path, lambda tmp: sf.write(tmp, data, sr, format=fmt.upper(), subtype="PCM_16"))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npy"
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def _fit_length(wav: torch.Tensor, length: int) -> torch.Tensor:
+    """Trim or zero-pad (C, T) to exactly ``length`` samples."""
+    if wav.shape[-1] >= length:
+        return wav[..., :length]
+    return torch.nn.functional.pad(wav, (0, length - wav.shape[-1]))
+
+
+class Runner:
+    """Holds the model and per-run settings; ``process(job, loaded)`` writes one output and returns
+    the seconds of audio it covered."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .inference import EncoderDecoder
+
+        self.args = args
+        self.encdec = EncoderDecoder(args.model, device=args.device, precision=args.precision,
+                                     max_batch_size=args.batch_size)
+        self.cfg = self.encdec.config
+        self.model_name, self.model_sha = model_identity(args.model)  # hashed once per run
+        self._warned_sha = False
+
+    def load(self, job: Job) -> Any:
+        if self.args.command == "decode":
+            return load_latents(job.src)
+        return _load_audio_job(job, self.cfg.sample_rate, getattr(self.args, "mono", False))
+
+    def _decode(self, latents: np.ndarray, meta: LatentMetadata) -> Tuple[np.ndarray, int]:
+        """Latents -> (C, T) at --sr (default the original rate), exactly the original duration."""
+        cfg = self.cfg
+        for name in ("summary_tokens", "latent_dim"):
+            if getattr(meta, name) != getattr(cfg, name):
+                raise ValueError(f"latents have {name}={getattr(meta, name)} but the model has {getattr(cfg, name)}")
+        if not math.isclose(meta.latent_scale, cfg.latent_scale, rel_tol=1e-6):
+            raise ValueError(f"latents have latent_scale={meta.latent_scale} but the model has {cfg.latent_scale}")
+        if meta.model_sha256 and self.model_sha and meta.model_sha256 != self.model_sha and not self._warned_sha:
+            print(f"warning: latents were made with model sha256 {meta.model_sha256[:12]}..., decoding with "
+                  f"{self.model_sha[:12]}...", file=sys.stderr)
+            self._warned_sha = True
+        chunks = latents.shape[-1] // cfg.summary_tokens
+        n_model = min(math.ceil(meta.length * cfg.sample_rate / meta.sample_rate), chunks * cfg.chunk_samples)
+        wav = self.encdec.decode(torch.from_numpy(latents), length=n_model, denoising_steps=self.args.denoising_steps,
+                                 seed=self.args.seed)  # (C_out, n_model), seeded per file
+        if wav.shape[0] != meta.channels and meta.channels == 1:  # mono input through a stereo model
+            wav = wav.mean(dim=0, keepdim=True)
+        sr = self.args.sr or meta.sample_rate
+        length = meta.length if sr == meta.sample_rate else math.ceil(meta.length * sr / meta.sample_rate)
+        wav = _fit_length(resample(wav.float().cpu(), cfg.sample_rate, sr), length)
+        return wav.numpy(), sr
+
+    def _metadata(self, job: Job, audio: LoadedAudio) -> LatentMetadata:
+        cfg = self.cfg
+        return LatentMetadata(sample_rate=audio.sr, length=audio.length, channels=audio.channels,
+                              summary_tokens=cfg.summary_tokens, latent_dim=cfg.latent_dim,
+                              latent_scale=cfg.latent_scale, model_sample_rate=cfg.sample_rate,
+                              chunk_samples=cfg.chunk_samples, model_name=self.model_name,
+                              model_sha256=self.model_sha, extra={"source": job.key})
+
+    def process(self, job: Job, loaded: Any) -> float:
+        cmd, ed = self.args.command, self.encdec
+        if cmd == "decode":
+            latents, meta = loaded
+            wav, sr = self._decode(latents, meta)
+            _write_audio(job.dst, wav, sr, self.args.format)
+            return meta.duration
+        audio: LoadedAudio = loaded
+        if cmd == "features":
+            feats = ed.encode(audio.wav, sr=self.cfg.sample_rate, extract_features=True).float().cpu().numpy()
+            _write_npy(job.dst, feats[0] if feats.shape[0] == 1 else feats)  # mono: (K*dim, chunks)
+            return audio.seconds
+        latents = ed.encode(audio.wav, sr=self.cfg.sample_rate).float().cpu()  # (C, d_lat, L)
+        meta = self._metadata(job, audio)
+        if cmd == "encode":
+            save_latents(job.dst, latents, meta)
+        else:
+            wav, sr = self._decode(latents.numpy(), meta)
+            _write_audio(job.dst, wav, sr, self.args.format)
+        return audio.seconds
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="music2latent2", epilog="exit status: 0 ok, 1 some inputs failed, 2 usage error, 130 interrupted",
+        description="Encode, decode, reconstruct and featurize audio files and whole datasets with Music2Latent2.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {"encode": "audio -> .m2l latent files", "decode": ".m2l latent files -> audio",
+             "reconstruct": "audio -> audio through the autoencoder", "features": "audio -> .npy MIR features"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("inputs", nargs="+", metavar="IN", help="files or directories (searched recursively)")
+        p.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="output directory (input trees are mirrored), or a file name for a single input")
+        p.add_argument("--model", default=None, help="manifest name or checkpoint file/directory")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+        p.add_argument("--batch-size", type=int, default=32,
+                       help="chunks (encode) or sequences (decode) per forward pass (default 32)")
+        p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+        p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N",
+                       help="process only shard I of N (0-based; sha1 of the relative path mod N)")
+        p.add_argument("--workers", type=int, default=2, help="threads loading audio ahead of the model (0 = none)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        if name in ("encode", "features"):
+            p.add_argument("--mono", action="store_true", help="average channels before encoding")
+        if name in ("decode", "reconstruct"):
+            p.add_argument("--format", default="wav", choices=["wav", "flac"], help="output audio format")
+            p.add_argument("--sr", type=int, default=None, help="output sample rate (default: the original's)")
+            p.add_argument("--seed", type=int, default=0, help="decoder noise seed, the same for every file")
+            p.add_argument("--denoising-steps", type=int, default=1, help="consistency steps per chunk")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    suffix = COMMANDS[args.command][1] or f".{args.format}"
+    if args.batch_size < 1 or args.workers < 0 or (getattr(args, "sr", None) is not None and args.sr <= 0):
+        print("error: --batch-size and --sr must be positive, --workers >= 0", file=sys.stderr)
+        return 2
+    try:
+        jobs = collect_jobs(args.inputs, args.output, args.command, suffix)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    index, num = args.shard
+    total = len(jobs)
+    jobs = [j for j in jobs if shard_of(j.key, num) == index]
+    todo = jobs if args.overwrite else [j for j in jobs if not j.dst.exists()]
+    skipped = len(jobs) - len(todo)
+    try:
+        runner = Runner(args)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"error: cannot load model {args.model!r}: {err}", file=sys.stderr)
+        return 2
+
+    from tqdm.auto import tqdm
+
+    failures: List[Tuple[Path, str]] = []
+    seconds, start = 0.0, time.perf_counter()
+    bar = tqdm(total=len(todo), unit="file", desc=args.command, disable=args.quiet or None, dynamic_ncols=True)
+    interrupted, processed = False, 0
+    try:
+        for job, loaded in _prefetch(todo, runner.load, args.workers):
+            try:
+                if isinstance(loaded, Exception):
+                    raise loaded
+                seconds += runner.process(job, loaded)
+            except Exception as err:  # one bad file must not stop a dataset run; listed in the summary
+                failures.append((job.src, f"{type(err).__name__}: {err}"))
+                bar.write(f"failed: {job.src}: {err}", file=sys.stderr)
+            processed += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{seconds / 3600 / max(time.perf_counter() - start, 1e-9):.3g} audio-h/s")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (see main)
+        interrupted = True
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    done = processed - len(failures)
+    shard = f" (shard {index}/{num} of {total} files)" if num > 1 else ""
+    print(f"{args.command}: {done} done, {skipped} skipped (already done), {len(failures)} failed{shard}; "
+          f"{seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
+          f"({seconds / 3600 / max(elapsed, 1e-9):.3g} audio-h/s)", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} file(s) failed:", file=sys.stderr)
+        for src, msg in failures:
+            print(f"  {src}: {msg}", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted after {processed} of {len(todo)} files; finished outputs are complete, "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if failures else 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # SLURM/Kubernetes stop jobs with SIGTERM: turn it into an exception so in-flight temp files are removed.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``music2latent2`` console script; returns the exit status
+    (0 all done, 1 some inputs failed, 2 bad arguments / no inputs / model not loadable,
+    130 interrupted by Ctrl-C or SIGTERM: finished outputs are kept, re-run to resume)."""
+    args = build_parser().parse_args(argv)
+    previous: Dict[int, Any] = {}
+    try:
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signal handling alone
+        pass
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,204 @@
+"""The ``.m2l`` latent file format: safetensors holding one latent tensor plus metadata.
+
+A ``.m2l`` file is a plain safetensors file (readable by any safetensors reader) with:
+
+* one tensor, ``"latents"``: float32, shape (C, d_lat, L) exactly as
+  :meth:`~music2latent2.EncoderDecoder.encode` returns it for one (C, T) signal
+  (L = K * chunks, already multiplied by ``latent_scale``);
+* string metadata describing how to turn it back into the original audio (see
+  :class:`LatentMetadata`; every value is a string because safetensors metadata is str -> str).
+
+Writes are atomic (temp file in the destination directory, then ``os.replace``), so a crash never
+leaves a half-written ``.m2l`` under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentMetadata", "save_latents",
+           "load_latents", "atomic_write"]
+
+LATENT_FORMAT = "music2latent2-latents"
+LATENT_FORMAT_VERSION = "1"
+TENSOR_NAME = "latents"
+
+# mkstemp creates 0600 files; outputs should get the usual permissions (0666 minus the umask).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class LatentFileError(ValueError):
+    """A ``.m2l`` file is missing, unreadable, or its tensor and metadata disagree."""
+
+
+@dataclass(frozen=True)
+class LatentMetadata:
+    """What a ``.m2l`` file records besides the latents.
+
+    Attributes:
+        sample_rate: sample rate of the original audio (Hz).
+        length: length of the original audio in samples at ``sample_rate``.
+        channels: channel count of the audio that was encoded.
+        summary_tokens: K, latent vectors per chunk.
+        latent_dim: d_lat, size of each latent vector.
+        latent_scale: the model's ``latent_scale`` (latents = tanh-latents * scale).
+        model_sample_rate: the rate the model works at (44,100 Hz).
+        chunk_samples: samples per chunk at ``model_sample_rate`` (32,768).
+        model_name: the model name or checkpoint path the latents were made with.
+        model_sha256: sha256 of that checkpoint's ``model.safetensors`` ("" if unknown).
+        extra: free-form string fields (e.g. ``source``, the input's relative path).
+    """
+
+    sample_rate: int
+    length: int
+    channels: int
+    summary_tokens: int
+    latent_dim: int
+    latent_scale: float
+    model_sample_rate: int = 44100
+    chunk_samples: int = 32768
+    model_name: str = ""
+    model_sha256: str = ""
+    extra: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "length", "channels", "summary_tokens", "latent_dim", "model_sample_rate",
+                     "chunk_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise LatentFileError(f"metadata {name} must be a positive integer, got {value!r}")
+        if not float(self.latent_scale) > 0:
+            raise LatentFileError(f"metadata latent_scale must be positive, got {self.latent_scale!r}")
+
+    @property
+    def duration(self) -> float:
+        """Duration of the original audio in seconds."""
+        return self.length / self.sample_rate
+
+    def to_strings(self) -> Dict[str, str]:
+        """The safetensors metadata dict (str -> str), format tag and version included."""
+        out = {f"extra.{k}": str(v) for k, v in self.extra.items()}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = repr(float(self.latent_scale)) if f.name == "latent_scale" else str(getattr(self, f.name))
+        out.update({"format": LATENT_FORMAT, "format_version": LATENT_FORMAT_VERSION})
+        return out
+
+    @classmethod
+    def from_strings(cls, meta: Dict[str, str], where: str = "latent file") -> LatentMetadata:
+        """Parse :meth:`to_strings` output; raises :class:`LatentFileError` naming what is wrong."""
+        if meta.get("format") != LATENT_FORMAT:
+            raise LatentFileError(f"{where} is not a music2latent2 latent file (format={meta.get('format')!r})")
+        if meta.get("format_version") != LATENT_FORMAT_VERSION:
+            raise LatentFileError(f"{where} has latent format version {meta.get('format_version')!r}; "
+                                  f"this library reads {LATENT_FORMAT_VERSION!r}")
+        kwargs: Dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            if f.name not in meta:
+                if f.default is not dataclasses.MISSING:
+                    continue
+                raise LatentFileError(f"{where} metadata lacks {f.name!r}")
+            raw = meta[f.name]
+            try:
+                kwargs[f.name] = float(raw) if f.name == "latent_scale" else raw if f.type == "str" else int(raw)
+            except ValueError as err:
+                raise LatentFileError(f"{where} metadata {f.name}={raw!r} is not a number") from err
+        kwargs["extra"] = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
+
+    The temp file keeps ``path``'s suffix (some writers pick the format from it) and starts with
+    a dot so directory scans skip it. It is removed if ``write`` raises (including
+    KeyboardInterrupt / SystemExit), so an interrupted run leaves neither a partial output
+    nor a temp file; only a hard kill (SIGKILL) can leave a hidden ``.<name>.tmp-*`` behind,
+    and never a partial file under the final name.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.tmp-", suffix=p.suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def save_latents(path: Union[str, os.PathLike], latents: Union[np.ndarray, torch.Tensor],
+                 metadata: LatentMetadata) -> Path:
+    """Write latents and their metadata to a ``.m2l`` file, atomically.
+
+    Args:
+        path: destination (conventionally ending in ``.m2l``).
+        latents: (C, d_lat, L) array/tensor, as ``EncoderDecoder.encode`` returns for one signal.
+        metadata: see :class:`LatentMetadata`; d_lat and K must agree with the shape.
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    z = torch.from_numpy(np.ascontiguousarray(latents)) if isinstance(latents, np.ndarray) else latents
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"latents must be a numpy array or torch tensor, got {type(latents).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"latents must be floating point, got {z.dtype}")
+    _check_shape(tuple(z.shape), metadata, "latents")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("latents contain NaN or infinite values")
+    tensor = z.detach().to("cpu", torch.float32).contiguous()
+    strings = metadata.to_strings()
+    return atomic_write(path, lambda tmp: save_file({TENSOR_NAME: tensor}, tmp, metadata=strings))
+
+
+def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetadata]:
+    """Read a ``.m2l`` file.
+
+    Returns:
+        (latents (C, d_lat, L) float32 numpy array, :class:`LatentMetadata`).
+
+    Raises:
+        LatentFileError: missing/unreadable file, wrong format or version, or a tensor shape that
+            disagrees with the metadata.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise LatentFileError(f"latent file not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if TENSOR_NAME not in f.keys():
+                raise LatentFileError(f"latent file {p} has no {TENSOR_NAME!r} tensor")
+            tensor = f.get_tensor(TENSOR_NAME)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise LatentFileError(f"cannot read latent file {p}: {err}") from err
+    metadata = LatentMetadata.from_strings(meta, where=f"latent file {p}")
+    _check_shape(tuple(tensor.shape), metadata, f"latent file {p}")
+    return tensor.float().numpy(), metadata
+
+
+def _check_shape(shape: Tuple[int, ...], meta: LatentMetadata, where: str) -> None:
+    if len(shape) != 3 or shape[1] != meta.latent_dim:
+        raise LatentFileError(f"{where} must have shape (C, {meta.latent_dim}, L), got {shape}")
+    if shape[0] == 0 or shape[2] == 0 or shape[2] % meta.summary_tokens:
+        raise LatentFileError(f"{where}: C must be >= 1 and L a positive multiple of K={meta.summary_tokens}; "
+                              f"got shape {shape}")
