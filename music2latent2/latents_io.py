@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Tuple, Union
@@ -30,10 +30,6 @@ __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentM
 LATENT_FORMAT = "music2latent2-latents"
 LATENT_FORMAT_VERSION = "1"
 TENSOR_NAME = "latents"
-
-# mkstemp creates 0600 files; outputs should get the usual permissions (0666 minus the umask).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class LatentFileError(ValueError):
@@ -118,6 +114,20 @@ class LatentMetadata:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
+def _create_temp(p: Path) -> str:
+    """Create a unique hidden temp file beside ``p``. Unlike mkstemp (always 0600) it is opened
+    with mode 0666, so the OS applies the process umask as for any new file; this avoids reading
+    the umask with os.umask, a process-wide and thread-unsafe call."""
+    for _ in range(100):
+        tmp = p.parent / f".{p.stem}.tmp-{secrets.token_hex(4)}{p.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"could not create a temp file beside {p}")
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
 
@@ -129,11 +139,11 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.tmp-", suffix=p.suffix, dir=p.parent)
-    os.close(fd)
+    tmp = _create_temp(p)
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 minus the umask, as the OS applied it
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0600
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
