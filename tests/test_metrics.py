@@ -67,3 +67,17 @@ def test_mel_filterbank_shape_and_coverage():
     peaks = fb.argmax(1)
     assert torch.all(peaks[1:] >= peaks[:-1])  # centres increase
     assert math.isclose(float(fb[:, 0].sum()), 0.0, abs_tol=1e-6)  # DC is the first edge
+
+
+def test_visqol_orders_degradations_or_reports_why():
+    from music2latent2.evaluate import ViSQOL
+
+    v = ViSQOL()
+    x = _tone_mix(44100)[None]
+    if not v.available:  # visqol-python is an optional extra: then it must say why, never score
+        assert v.reason and v.score(x, x, 44100) == (None, v.reason)
+        return
+    noisy = x + 0.3 * np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    clean_score, err = v.score(x, x, 44100)
+    noisy_score, _ = v.score(x, noisy, 44100)
+    assert err is None and 1.0 <= noisy_score < clean_score <= 5.0
