@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class ViSQOL:
 
     def __init__(self, enabled: bool = True) -> None:
         self.api: Any = None
-        self.reason: Optional[str] = None if enabled else "disabled (--no-visqol)"
+        self.reason: str | None = None if enabled else "disabled (--no-visqol)"
         if not enabled:
             return
         try:
@@ -63,7 +63,7 @@ class ViSQOL:
     def available(self) -> bool:
         return self.api is not None
 
-    def score(self, reference: np.ndarray, estimate: np.ndarray, sr: int) -> Tuple[Optional[float], Optional[str]]:
+    def score(self, reference: np.ndarray, estimate: np.ndarray, sr: int) -> Tuple[float | None, str | None]:
         """MOS-LQO of a mono-mixed pair ``(C, T)`` at ``sr`` (resampled to 48 kHz)."""
         if self.api is None:
             return None, self.reason
@@ -83,8 +83,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: Optional[float] = None,
-                  visqol: Optional[ViSQOL] = None, denoising_steps: int = 1, seed: int = 0) -> Dict[str, Any]:
+def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None = None,
+                  visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0) -> Dict[str, Any]:
     """Reconstruct one file and measure it.
 
     Returns:
@@ -121,13 +121,13 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: Optional[floa
     return result
 
 
-def _mean(rows: Sequence[Dict[str, Any]], key: str) -> Optional[float]:
+def _mean(rows: Sequence[Dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return float(np.mean(values)) if values else None
 
 
-def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: Optional[float] = None,
-                   visqol: Optional[ViSQOL] = None, denoising_steps: int = 1, seed: int = 0,
+def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: float | None = None,
+                   visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
                    verbose: bool = False) -> Dict[str, Any]:
     """Evaluate several files. Returns {"files": [per-file dicts], "mean": {metric: value|None}}."""
     if not files:
@@ -142,7 +142,7 @@ def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: O
     return {"files": rows, "mean": mean}
 
 
-def _fmt(key: str, value: Optional[float]) -> str:
+def _fmt(key: str, value: float | None) -> str:
     return f"{key} {'n/a' if value is None else f'{value:.3f}'}"
 
 
@@ -151,7 +151,7 @@ def markdown_table(report: Dict[str, Any]) -> str:
     head = "| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | encode RTF | decode RTF |"
     lines = [head, "|" + " --- |" * 7]
 
-    def cell(v: Optional[float]) -> str:
+    def cell(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     for r in report["files"]:
@@ -170,7 +170,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m music2latent2.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint file/directory or model name (default model)")
     parser.add_argument("--data", required=True, help="folder of audio files (recursive) or one file")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -41,7 +41,7 @@ GM_MELODIC = (list(range(0, 8)) + list(range(16, 24)) + list(range(24, 32)) + li
 GM_BASS = list(range(32, 40)) + [42, 43, 58, 70]
 
 
-def default_soundfont() -> Optional[Path]:
+def default_soundfont() -> Path | None:
     """pretty_midi's bundled TimGM6mb.sf2 (6 MB GM soundfont), or a Debian one if present."""
     for p in ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/FluidR3Mono_GM.sf3"):
         if Path(p).is_file():
@@ -167,7 +167,7 @@ def _mix(data: np.ndarray, rng: random.Random) -> np.ndarray:
     return (out * (10 ** (rng.uniform(-14, -1) / 20) / max(peak, 1e-6))).astype(np.float32)
 
 
-def _render_task(task: Tuple[str, str, int, str, float, Optional[str]]) -> Tuple[str, float, float]:
+def _render_task(task: Tuple[str, str, int, str, float, str | None]) -> Tuple[str, float, float]:
     midi_path, out_dir, seed, soundfont, max_seconds, layer_path = task
     rng = random.Random(seed)
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def _render_task(task: Tuple[str, str, int, str, float, Optional[str]]) -> Tuple
 
 
 def render_music(midi_files: Sequence[str], out_dir: Path, variants: int, soundfont: Path, jobs: int, seed: int,
-                 max_seconds: float, layer_prob: float, max_hours: Optional[float]) -> Tuple[float, float]:
+                 max_seconds: float, layer_prob: float, max_hours: float | None) -> Tuple[float, float]:
     """Render every MIDI file ``variants`` times. Returns (audio seconds, wall seconds)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -296,7 +296,7 @@ def copy_real(src: Path, out_dir: Path) -> float:
     return total
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="corpus", help="output folder (music/, speech/, real/ inside)")
     p.add_argument("--export-midi", default=None, metavar="DIR", help="write music21 scores as .mid files here")

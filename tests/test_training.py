@@ -10,9 +10,18 @@ import torch
 
 from music2latent2 import EncoderDecoder
 from music2latent2.checkpoint import load_checkpoint
-from music2latent2.training import (TrainConfig, Trainer, consistency_step_delta, crop_samples,
-                                    export_checkpoint, load_state, measure_latent_scale, save_state)
+from music2latent2.training import (
+    TrainConfig,
+    Trainer,
+    consistency_step_delta,
+    crop_samples,
+    export_checkpoint,
+    load_state,
+    measure_latent_scale,
+    save_state,
+)
 from music2latent2.training.losses import NoiseIndexSampler, pseudo_huber
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from music2latent2.training.data import (AudioSource, CropDataset, crop_samples, make_loader, parse_data_spec)
+from music2latent2.training.data import AudioSource, CropDataset, crop_samples, make_loader, parse_data_spec
 
 CROP = crop_samples()
 

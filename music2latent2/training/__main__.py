@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from .state import STATE_NAME, load_state, read_state_configs, save_state
 from .trainer import TrainConfig, Trainer
 
 
-def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: Optional[int] = None) -> tuple:
+def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None) -> tuple:
     mc = trainer.model.config
     crop = crop_samples(mc.chunk_samples, mc.n_fft, mc.hop_length)
     sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30))
@@ -105,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m music2latent2.training")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or --resume) a model")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 
@@ -52,8 +52,8 @@ def measure_latent_scale(model: Music2Latent2, batches: Iterable[torch.Tensor], 
     return 1.0 / std
 
 
-def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], latent_scale: Optional[float] = None,
-                      dtype: Optional[torch.dtype] = None, step: Optional[int] = None) -> Path:
+def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], latent_scale: float | None = None,
+                      dtype: torch.dtype | None = None, step: int | None = None) -> Path:
     """Write an inference checkpoint (``music2latent2.checkpoint`` format) of ``model``.
 
     Args:

@@ -9,7 +9,7 @@ indices ``i``, and are noised with the same ``eps`` at two neighbouring levels: 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -45,7 +45,7 @@ class NoiseIndexSampler:
         self.probs = (weights / weights.sum()).float()
         self.cell = 1.0 / grid
 
-    def sample(self, shape: Tuple[int, ...], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, shape: Tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         """Indices of the given shape (float32, CPU)."""
         n = math.prod(shape)
         cells = torch.multinomial(self.probs, n, replacement=True, generator=generator)
@@ -68,8 +68,8 @@ def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 
 def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
-                     generator: Optional[torch.Generator] = None,
-                     autocast_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                     generator: torch.Generator | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """One consistency-training loss evaluation.
 
     Args:

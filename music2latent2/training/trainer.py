@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 
@@ -31,7 +31,7 @@ class TrainConfig:
     preset: str = "small"
     model_overrides: Dict[str, Any] = field(default_factory=dict)
     data: List[str] = field(default_factory=list)
-    eval_data: Optional[str] = None
+    eval_data: str | None = None
     out_dir: str = "runs/m2l2"
     batch_size: int = 16
     lr: float = 1e-4
@@ -74,7 +74,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_json(cls, text: str) -> TrainConfig:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -93,7 +93,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, device: torch.device | str = "cpu",
-                 model_config: Optional[ModelConfig] = None) -> None:
+                 model_config: ModelConfig | None = None) -> None:
         config.validate()
         self.config = config
         self.device = torch.device(device)
@@ -106,7 +106,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.samples_seen = 0
-        self.best_metric: Optional[float] = None
+        self.best_metric: float | None = None
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         if config.compile:
@@ -178,8 +178,8 @@ class Trainer:
     def audio_hours_seen(self, crop: int) -> float:
         return self.samples_seen * crop / self.model.config.sample_rate / 3600
 
-    def fit(self, batches: Iterable[torch.Tensor], crop: int, on_save: Callable[["Trainer"], None],
-            on_eval: Optional[Callable[["Trainer"], None]] = None, log_file: Optional[Path] = None) -> None:
+    def fit(self, batches: Iterable[torch.Tensor], crop: int, on_save: Callable[[Trainer], None],
+            on_eval: Callable[[Trainer], None] | None = None, log_file: Path | None = None) -> None:
         """Train until ``total_steps``, logging, saving and evaluating on schedule."""
         c = self.config
         window: List[float] = []
