@@ -274,6 +274,8 @@ def copy_real(src: Path, out_dir: Path) -> float:
     """Copy audio under ``src`` as 44.1 kHz FLAC (keeping folders and licence files). Returns seconds."""
     import soxr
 
+    if not src.is_dir():
+        raise SystemExit(f"--real: folder not found: {src}")
     total = 0.0
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)

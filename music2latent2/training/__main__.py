@@ -61,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           warmup_steps=args.warmup, ema_momentum=args.ema, seed=args.seed,
                           num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
                           eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
+                          eval_files=args.eval_files,
                           precision=args.precision, compile=args.compile)
         trainer = Trainer(cfg, device)
         out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--save-every", type=int, default=1000)
     t.add_argument("--eval-every", type=int, default=5000)
     t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-seconds", type=float, default=10.0)
+    t.add_argument("--eval-seconds", type=float, default=10.0, help="evaluate the first N seconds of each file")
+    t.add_argument("--eval-files", type=int, default=16, help="evaluate at most N held-out files")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--compile", action="store_true", help="torch.compile the three modules")
     t.add_argument("--device", default=None)

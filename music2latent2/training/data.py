@@ -150,17 +150,17 @@ class CropDataset(IterableDataset):
             source = self.sources[s]
             f = int(rng.choice(len(source.files), p=self.file_probs[s]))
             try:
-                data = self._channels(source.load(f, self.cache_bytes))
+                data = source.load(f, self.cache_bytes)
             except ValueError:
                 continue
             n = data.shape[-1]
-            if n >= self.crop:
+            if n >= self.crop:  # crop first, mix channels after: never copy a whole file per item
                 start = int(rng.integers(0, n - self.crop + 1))
-                out = data[:, start:start + self.crop].copy()
+                out = self._channels(data[:, start:start + self.crop]).astype(np.float32, copy=True)
             else:  # short file (a single note): place it at a random offset in silence
-                out = np.zeros((data.shape[0], self.crop), dtype=np.float32)
+                out = np.zeros((self.audio_channels, self.crop), dtype=np.float32)
                 start = int(rng.integers(0, self.crop - n + 1))
-                out[:, start:start + n] = data
+                out[:, start:start + n] = self._channels(data)
             if float(np.sqrt(np.mean(out ** 2))) < self.silence:
                 continue  # near-silent: nothing to learn
             peak = float(np.abs(out).max())
