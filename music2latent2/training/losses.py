@@ -46,10 +46,13 @@ class NoiseIndexSampler:
         self.cell = 1.0 / grid
 
     def sample(self, shape: Tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Indices of the given shape (float32, CPU)."""
+        """Indices of the given shape (float32, on the generator's device)."""
         n = math.prod(shape)
+        device = generator.device if generator is not None else torch.device("cpu")
+        if self.probs.device != device:  # draw on the generator's device (the GPU in training)
+            self.probs = self.probs.to(device)
         cells = torch.multinomial(self.probs, n, replacement=True, generator=generator)
-        offset = torch.rand(n, generator=generator)
+        offset = torch.rand(n, generator=generator, device=device)
         return ((cells.float() + offset) * self.cell).clamp(1e-6, 1.0).reshape(shape)
 
 
@@ -77,7 +80,8 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
         wav: (B, audio_channels, 67072) crops: exactly two chunks of STFT frames.
         delta: consistency step in index units (:func:`consistency_step_delta`).
         sampler: noise index sampler.
-        generator: CPU generator for indices and noise (its state is part of the training state).
+        generator: generator for indices and noise, ideally on the model's device (its state is
+            part of the training state).
         autocast_dtype: e.g. torch.bfloat16 to run the network under autocast.
 
     Returns:
@@ -94,7 +98,8 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     i_lo = (i_hi - delta).clamp_min(0.0)
     sig_hi = sigma_from_index(i_hi, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     sig_lo = sigma_from_index(i_lo, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
-    eps = torch.randn(x.shape, generator=generator).to(device)  # same eps at both levels
+    gen_device = generator.device if generator is not None else device
+    eps = torch.randn(x.shape, generator=generator, device=gen_device).to(device)  # same eps at both levels
     view = (b, w, 1, 1, 1)
 
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,

@@ -101,7 +101,8 @@ class Trainer:
         self.model = Music2Latent2(model_config or config.model_config()).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=tuple(config.betas))
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        # Noise is drawn on the training device: no host-side randn and copy per step.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std)
         self.step = 0
         self.skipped = 0
