@@ -35,7 +35,10 @@ def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None) 
 
 
 def _export(trainer: Trainer, loader, path: Path, fp16: bool) -> Path:
-    scale = measure_latent_scale(trainer.ema, iter(loader), max_batches=8)
+    # During training, reuse recent batches: a second iter() on a DataLoader with persistent
+    # workers would reset the running one.
+    batches = list(trainer.recent_batches) or iter(loader)
+    scale = measure_latent_scale(trainer.ema, batches, max_batches=8)
     return export_checkpoint(trainer.ema, path, latent_scale=scale, step=trainer.step,
                              dtype=torch.float16 if fp16 else None)
 

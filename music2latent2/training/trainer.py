@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List
@@ -108,6 +109,9 @@ class Trainer:
         self.skipped = 0
         self.samples_seen = 0
         self.best_metric: float | None = None
+        # The last few training batches (CPU), for measuring the latent scale at export time
+        # without opening a second iterator on the running DataLoader.
+        self.recent_batches: deque = deque(maxlen=8)
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         if config.compile:
@@ -189,6 +193,7 @@ class Trainer:
             if self.step >= c.total_steps:
                 break
             stats = self.train_step(wav)
+            self.recent_batches.append(wav.detach().cpu())
             if stats["skipped"] == 0:
                 window.append(stats["loss"])
             if self.step % c.log_every == 0 or self.step == c.total_steps:
