@@ -1,0 +1,209 @@
+"""Reconstruction evaluation: ``python -m music2latent2.evaluate --model M --data DIR``.
+
+Encodes and decodes every audio file under DIR and reports, per file and on average, SI-SDR,
+the multi-resolution log-mel L1 distance, ViSQOL (audio mode, if ``visqol-python`` is
+installed and runs; otherwise null with the reason) and the real-time factors of encode and
+decode (seconds of compute per second of audio). Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .audio import load_audio, resample
+from .inference import EncoderDecoder
+from .metrics import multires_logmel_distance, si_sdr
+
+__all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "evaluate_files", "main"]
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
+METRICS = ("si_sdr", "logmel_distance", "visqol", "encode_rtf", "decode_rtf")
+
+
+def find_audio_files(folder: os.PathLike | str) -> List[Path]:
+    """Audio files under ``folder`` (recursive, sorted)."""
+    p = Path(folder)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ValueError(f"data folder not found: {p}")
+    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+class ViSQOL:
+    """ViSQOL v3 audio mode (48 kHz) through ``visqol-python``; ``available`` and ``reason`` say
+    whether it could be set up. Never returns a made-up score: failures give (None, reason)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.api: Any = None
+        self.reason: str | None = None if enabled else "disabled (--no-visqol)"
+        if not enabled:
+            return
+        try:
+            from visqol import VisqolApi
+
+            api = VisqolApi()
+            api.create(mode="audio")
+            self.api = api
+        except Exception as err:  # ImportError, missing model file, numba issues...
+            self.reason = f"visqol-python unavailable: {type(err).__name__}: {err}"
+
+    @property
+    def available(self) -> bool:
+        return self.api is not None
+
+    def score(self, reference: np.ndarray, estimate: np.ndarray, sr: int) -> Tuple[float | None, str | None]:
+        """MOS-LQO of a mono-mixed pair ``(C, T)`` at ``sr`` (resampled to 48 kHz)."""
+        if self.api is None:
+            return None, self.reason
+        try:
+            ref = resample(torch.from_numpy(reference.mean(0)).double(), sr, 48000).numpy()
+            est = resample(torch.from_numpy(estimate.mean(0)).double(), sr, 48000).numpy()
+            value = float(self.api.measure_from_arrays(ref, est, 48000).moslqo)
+        except Exception as err:
+            return None, f"visqol failed: {type(err).__name__}: {err}"
+        if not math.isfinite(value):
+            return None, "visqol returned a non-finite score"
+        return value, None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None = None,
+                  visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0) -> Dict[str, Any]:
+    """Reconstruct one file and measure it.
+
+    Returns:
+        {"file", "seconds", "channels", "si_sdr", "logmel_distance", "visqol", "visqol_error",
+        "encode_rtf", "decode_rtf"}.
+    """
+    data, sr = load_audio(path)
+    sr_model = encdec.sample_rate
+    if sr != sr_model:
+        data = resample(torch.from_numpy(data), sr, sr_model).numpy()
+    if max_seconds is not None:
+        data = data[:, : max(1, int(max_seconds * sr_model))]
+    seconds = data.shape[-1] / sr_model
+    device = encdec.device
+    _sync(device)
+    t0 = time.perf_counter()
+    z = encdec.encode(data, sr=sr_model)
+    _sync(device)
+    t1 = time.perf_counter()
+    rec = encdec.decode(z, length=data.shape[-1], denoising_steps=denoising_steps, seed=seed)
+    _sync(device)
+    t2 = time.perf_counter()
+    rec = np.asarray(rec, dtype=np.float32)
+    if rec.shape[0] != data.shape[0]:  # stereo model on a mono file: compare the mono mix
+        rec = rec.mean(0, keepdims=True)
+        data = data.mean(0, keepdims=True) if data.shape[0] != 1 else data
+    result: Dict[str, Any] = {"file": str(path), "seconds": seconds, "channels": int(data.shape[0])}
+    result["si_sdr"] = si_sdr(data, rec)
+    result["logmel_distance"] = multires_logmel_distance(data, rec, sr_model)
+    score, error = visqol.score(data, rec, sr_model) if visqol is not None else (None, "not requested")
+    result["visqol"], result["visqol_error"] = score, error
+    result["encode_rtf"] = (t1 - t0) / seconds
+    result["decode_rtf"] = (t2 - t1) / seconds
+    return result
+
+
+def _mean(rows: Sequence[Dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: float | None = None,
+                   visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
+                   verbose: bool = False) -> Dict[str, Any]:
+    """Evaluate several files. Returns {"files": [per-file dicts], "mean": {metric: value|None}}."""
+    if not files:
+        raise ValueError("no audio files to evaluate")
+    rows = []
+    for path in files:
+        row = evaluate_file(encdec, path, max_seconds, visqol, denoising_steps, seed)
+        rows.append(row)
+        if verbose:
+            print(f"{Path(path).name}: " + ", ".join(_fmt(k, row[k]) for k in METRICS), flush=True)
+    mean = {k: _mean(rows, k) for k in METRICS}
+    return {"files": rows, "mean": mean}
+
+
+def _fmt(key: str, value: float | None) -> str:
+    return f"{key} {'n/a' if value is None else f'{value:.3f}'}"
+
+
+def markdown_table(report: Dict[str, Any]) -> str:
+    """Per-file rows and a mean row, as a markdown table."""
+    head = "| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | encode RTF | decode RTF |"
+    lines = [head, "|" + " --- |" * 7]
+
+    def cell(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    for r in report["files"]:
+        lines.append(f"| {Path(r['file']).name} | {r['seconds']:.1f} | " +
+                     " | ".join(cell(r[k]) for k in METRICS) + " |")
+    total = sum(r["seconds"] for r in report["files"])
+    lines.append(f"| **mean** | {total:.1f} | " + " | ".join(cell(report["mean"][k]) for k in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m music2latent2.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint file/directory or model name (default model)")
+    parser.add_argument("--data", required=True, help="folder of audio files (recursive) or one file")
+    parser.add_argument("--out", default=None, help="folder for results.json / results.md (default: print only)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="evaluate only the first N seconds")
+    parser.add_argument("--max-files", type=int, default=None, help="evaluate only the first N files")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--denoising-steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-visqol", action="store_true", help="skip ViSQOL (it is slow on CPU)")
+    args = parser.parse_args(argv)
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        parser.error("--max-seconds must be positive")
+    files = find_audio_files(args.data)[: args.max_files]
+    if not files:
+        parser.error(f"no audio files found in {args.data}")
+    encdec = EncoderDecoder(args.model, device=args.device, precision=args.precision)
+    visqol = ViSQOL(enabled=not args.no_visqol)
+    if not visqol.available:
+        print(f"ViSQOL: null ({visqol.reason})", file=sys.stderr)
+    report = evaluate_files(encdec, files, args.max_seconds, visqol, args.denoising_steps, args.seed, verbose=True)
+    report["model"] = str(args.model)
+    report["visqol_note"] = visqol.reason
+    table = markdown_table(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        _write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
+        _write_atomic(out / "results.md", table)
+        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Command line: ``python -m music2latent2.training {train,export} ...``.
+
+    python -m music2latent2.training train --data corpus/music:1 corpus/speech:1 \\
+        --eval-data ../shared/data/eval --preset small --out runs/small --steps 100000
+    python -m music2latent2.training train --out runs/small --resume          # continue
+    python -m music2latent2.training export --state runs/small --data corpus/music --out ckpt/ --fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..evaluate import ViSQOL, evaluate_files, find_audio_files
+from ..inference import EncoderDecoder
+from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
+from .export import export_checkpoint, measure_latent_scale
+from .state import STATE_NAME, load_state, read_state_configs, save_state
+from .trainer import TrainConfig, Trainer
+
+
+def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None) -> tuple:
+    mc = trainer.model.config
+    crop = crop_samples(mc.chunk_samples, mc.n_fft, mc.hop_length)
+    sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30))
+    print("data: " + describe_sources(sources), flush=True)
+    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step),
+                          cache_bytes=int(cfg.cache_gb * 2 ** 30))
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return make_loader(dataset, cfg.batch_size, workers, pin_memory=trainer.device.type == "cuda"), crop
+
+
+def _export(trainer: Trainer, loader, path: Path, fp16: bool) -> Path:
+    # During training, reuse recent batches: a second iter() on a DataLoader with persistent
+    # workers would reset the running one.
+    batches = list(trainer.recent_batches) or iter(loader)
+    scale = measure_latent_scale(trainer.ema, batches, max_batches=8)
+    return export_checkpoint(trainer.ema, path, latent_scale=scale, step=trainer.step,
+                             dtype=torch.float16 if fp16 else None)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.resume:
+        cfg, model_config = read_state_configs(out / STATE_NAME)
+        if args.steps:
+            cfg.total_steps = args.steps
+        trainer = Trainer(cfg, device, model_config)
+        load_state(trainer, out / STATE_NAME)
+        print(f"resumed {out} at step {trainer.step}", flush=True)
+    else:
+        if not args.data:
+            raise SystemExit("--data is required (or --resume)")
+        if (out / STATE_NAME).exists():
+            raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
+        overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+        cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
+                          out_dir=str(out), batch_size=args.batch_size, lr=args.lr, total_steps=args.steps or 1_000_000,
+                          warmup_steps=args.warmup, ema_momentum=args.ema, seed=args.seed,
+                          num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
+                          eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
+                          eval_files=args.eval_files,
+                          precision=args.precision, compile=args.compile)
+        trainer = Trainer(cfg, device)
+        out.mkdir(parents=True, exist_ok=True)
+    print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {device}", flush=True)
+    loader, crop = _loader(cfg, trainer)
+
+    def on_save(t: Trainer) -> None:
+        save_state(t, out / STATE_NAME)
+
+    def on_eval(t: Trainer) -> None:
+        if not cfg.eval_data:
+            return
+        files = find_audio_files(cfg.eval_data)[: cfg.eval_files]
+        encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8)
+        report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
+        t.ema.requires_grad_(False)
+        mean = report["mean"]
+        print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}", flush=True)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": t.step, **mean}) + "\n")
+        if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
+            t.best_metric = mean["logmel_distance"]
+            _export(t, loader, out / "best", fp16=False)
+            print(f"new best (log-mel {t.best_metric:.4f}) -> {out / 'best'}", flush=True)
+            save_state(t, out / STATE_NAME)
+
+    trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl")
+    path = _export(trainer, loader, out / "final", fp16=False)
+    print(f"exported EMA weights to {path}", flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg, model_config = read_state_configs(Path(args.state))
+    if args.data:
+        cfg.data = args.data
+    trainer = Trainer(cfg, args.device or "cpu", model_config)
+    load_state(trainer, args.state)
+    loader, _ = _loader(cfg, trainer, num_workers=0)
+    path = _export(trainer, loader, Path(args.out), fp16=args.fp16)
+    print(f"exported EMA weights of step {trainer.step} to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m music2latent2.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or --resume) a model")
+    t.add_argument("--data", nargs="+", help="training folders, DIR or DIR:WEIGHT")
+    t.add_argument("--eval-data", default=None, help="held-out folder for periodic evaluation")
+    t.add_argument("--out", required=True, help="run folder (state, logs, exported checkpoints)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--preset", default="small", choices=["paper", "paper_stereo", "small", "tiny"])
+    t.add_argument("--model-overrides", default=None, help='JSON, e.g. \'{"depth": 4}\'')
+    t.add_argument("--steps", type=int, default=None, help="total steps (default 1M; on resume: extend)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=10000)
+    t.add_argument("--ema", type=float, default=0.9999, help="EMA momentum (use ~0.999 for short runs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=4)
+    t.add_argument("--cache-gb", type=float, default=4.0, help="decoded-audio cache budget")
+    t.add_argument("--save-every", type=int, default=1000)
+    t.add_argument("--eval-every", type=int, default=5000)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--eval-seconds", type=float, default=10.0, help="evaluate the first N seconds of each file")
+    t.add_argument("--eval-files", type=int, default=16, help="evaluate at most N held-out files")
+    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    t.add_argument("--compile", action="store_true", help="torch.compile the three modules")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="EMA weights of a training state -> inference checkpoint")
+    e.add_argument("--state", required=True, help="run folder or state.safetensors")
+    e.add_argument("--out", required=True, help="checkpoint directory or .safetensors path")
+    e.add_argument("--data", nargs="+", default=None, help="folders to measure the latent scale on "
+                   "(default: the run's training data)")
+    e.add_argument("--fp16", action="store_true", help="store weights in float16")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_export)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

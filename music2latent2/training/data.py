@@ -1,0 +1,209 @@
+"""Training data: weighted folders of audio files -> endless random two-chunk crops.
+
+Each item is ``(audio_channels, 67072)`` float32: 67,072 = 2 * 32,768 + 2,048 - 512 samples,
+exactly the span behind two consecutive chunks of 64 STFT frames. Files of any format and
+sample rate soundfile reads are resampled to 44.1 kHz once and cached (decoded audio is kept
+in memory up to a byte budget; preloading before the DataLoader forks shares it with workers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..audio import load_audio, resample
+
+__all__ = ["AUDIO_EXTENSIONS", "crop_samples", "parse_data_spec", "list_audio_files", "AudioSource",
+           "CropDataset", "make_loader", "build_sources", "describe_sources", "worker_seed"]
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
+
+
+def crop_samples(chunk_samples: int = 32768, n_fft: int = 2048, hop_length: int = 512) -> int:
+    """Samples behind two consecutive chunks of frames (no padding): 67,072 for the paper."""
+    return 2 * chunk_samples + n_fft - hop_length
+
+
+def parse_data_spec(spec: str) -> Tuple[Path, float]:
+    """``"DIR"`` or ``"DIR:WEIGHT"`` -> (path, weight). Weight defaults to 1 and must be > 0."""
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+            path = head
+        except ValueError:
+            path = spec  # a colon that is part of the path
+    if not weight > 0 or not math.isfinite(weight):
+        raise ValueError(f"data weight must be a positive number, got {weight} in {spec!r}")
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"data folder not found: {p}")
+    return p, weight
+
+
+def list_audio_files(folder: Union[str, os.PathLike]) -> List[Path]:
+    """Audio files under ``folder`` (recursive, sorted, by extension)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+
+
+@dataclass
+class AudioSource:
+    """One data folder: its files, their lengths at the model rate, and a decoded-audio cache."""
+
+    folder: Path
+    weight: float
+    sample_rate: int = 44100
+    files: List[Path] = field(default_factory=list)
+    lengths: List[int] = field(default_factory=list)
+    cache: Dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            for path in list_audio_files(self.folder):
+                try:
+                    info = sf.info(str(path))
+                except Exception:  # unreadable file: leave it out rather than fail mid-training
+                    continue
+                if info.frames > 0:
+                    self.files.append(path)
+                    self.lengths.append(int(info.frames * self.sample_rate / info.samplerate))
+        if not self.files:
+            raise ValueError(f"no readable audio files in {self.folder}")
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.lengths) / self.sample_rate
+
+    def load(self, index: int, cache_bytes: int) -> np.ndarray:
+        """(C, T) float32 at the model rate, cached while the cache stays under ``cache_bytes``."""
+        if index in self.cache:
+            return self.cache[index]
+        data, sr = load_audio(self.files[index])
+        if sr != self.sample_rate:
+            data = resample(torch.from_numpy(data), sr, self.sample_rate).numpy()
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if sum(a.nbytes for a in self.cache.values()) + data.nbytes <= cache_bytes:
+            self.cache[index] = data
+        return data
+
+    def preload(self, cache_bytes: int) -> None:
+        """Decode files into the cache until the budget is used (call before workers fork)."""
+        for i in range(len(self.files)):
+            if sum(a.nbytes for a in self.cache.values()) >= cache_bytes:
+                break
+            self.load(i, cache_bytes)
+
+
+class CropDataset(IterableDataset):
+    """Endless random crops from weighted sources; each DataLoader worker has its own seed.
+
+    Args:
+        sources: data folders with weights (a source is drawn with probability weight / sum).
+        audio_channels: 1 -> mono mix; 2 -> both channels (mono files are duplicated).
+        crop: samples per item (:func:`crop_samples`).
+        seed: base seed; worker ``w`` uses ``(seed, w)`` so restarting with the same seed
+            replays the same stream.
+        gain_db: random gain range in dB applied after peak-normalising each crop.
+        silence_db: crops whose RMS is below this (dBFS) are skipped.
+        cache_bytes: decoded-audio cache budget per process.
+    """
+
+    def __init__(self, sources: Sequence[AudioSource], audio_channels: int, crop: int, seed: int = 0,
+                 gain_db: Tuple[float, float] = (-12.0, 0.0), silence_db: float = -60.0,
+                 cache_bytes: int = 2 << 30) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("need at least one data source")
+        self.sources = list(sources)
+        self.audio_channels = audio_channels
+        self.crop = crop
+        self.seed = seed
+        self.gain_db = gain_db
+        self.silence = 10 ** (silence_db / 20)
+        self.cache_bytes = cache_bytes
+        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
+        self.source_probs = weights / weights.sum()
+        # Files are drawn in proportion to their length, so every second of audio is equally likely.
+        self.file_probs = [np.maximum(np.array(s.lengths, dtype=np.float64), crop) for s in self.sources]
+        self.file_probs = [p / p.sum() for p in self.file_probs]
+
+    def _channels(self, data: np.ndarray) -> np.ndarray:
+        if self.audio_channels == 1:
+            return data.mean(0, keepdims=True)
+        if data.shape[0] == 1:
+            return np.repeat(data, 2, axis=0)
+        return data[:2]
+
+    def sample(self, rng: np.random.Generator, max_tries: int = 50) -> Tuple[np.ndarray, int]:
+        """One crop ``(audio_channels, crop)`` and the index of the source it came from."""
+        for _ in range(max_tries):
+            s = int(rng.choice(len(self.sources), p=self.source_probs))
+            source = self.sources[s]
+            f = int(rng.choice(len(source.files), p=self.file_probs[s]))
+            try:
+                data = source.load(f, self.cache_bytes)
+            except ValueError:
+                continue
+            n = data.shape[-1]
+            if n >= self.crop:  # crop first, mix channels after: never copy a whole file per item
+                start = int(rng.integers(0, n - self.crop + 1))
+                out = self._channels(data[:, start:start + self.crop]).astype(np.float32, copy=True)
+            else:  # short file (a single note): place it at a random offset in silence
+                out = np.zeros((self.audio_channels, self.crop), dtype=np.float32)
+                start = int(rng.integers(0, self.crop - n + 1))
+                out[:, start:start + n] = self._channels(data)
+            if float(np.sqrt(np.mean(out ** 2))) < self.silence:
+                continue  # near-silent: nothing to learn
+            peak = float(np.abs(out).max())
+            gain = 10 ** (rng.uniform(*self.gain_db) / 20) / max(peak, 1e-8)
+            return (out * gain).astype(np.float32), s
+        raise ValueError(f"no non-silent crop found in {max_tries} tries; is the data silent?")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, worker])
+        while True:
+            crop, _ = self.sample(rng)
+            yield torch.from_numpy(crop)
+
+
+def make_loader(dataset: CropDataset, batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the endless crop stream (workers get their seeds from the dataset)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      drop_last=True, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+def build_sources(specs: Sequence[str], sample_rate: int = 44100, preload_bytes: int = 0) -> List[AudioSource]:
+    """``["DIR[:WEIGHT]", ...]`` -> sources, optionally preloading decoded audio."""
+    sources = []
+    for spec in specs:
+        folder, weight = parse_data_spec(spec)
+        source = AudioSource(folder, weight, sample_rate)
+        if preload_bytes > 0:
+            source.preload(preload_bytes // max(len(specs), 1))
+        sources.append(source)
+    return sources
+
+
+def describe_sources(sources: Sequence[AudioSource]) -> str:
+    total = sum(s.weight for s in sources)
+    return ", ".join(f"{s.folder} ({len(s.files)} files, {s.seconds / 3600:.2f} h, weight {s.weight / total:.2f})"
+                     for s in sources)
+
+
+def worker_seed(base: int, step: int) -> int:
+    """Seed for a loader (re)started at ``step``: a resumed run replays a fixed, new stream."""
+    return int(np.random.SeedSequence([base, step]).generate_state(1)[0])
+

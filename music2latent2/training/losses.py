@@ -1,0 +1,119 @@
+"""Consistency-training loss (SPEC section 4): noise-level sampling, step schedule, pseudo-Huber.
+
+The network sees a window of two consecutive chunks. Both are encoded and decoded
+independently (features computed once, shared by student and teacher), get independent noise
+indices ``i``, and are noised with the same ``eps`` at two neighbouring levels: the student at
+``sigma(i)``, the teacher (the same network, no gradient) at ``sigma(max(i - delta, 0))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..config import ModelConfig
+from ..edm import sigma_from_index
+from ..model import Music2Latent2
+
+__all__ = ["consistency_step_delta", "NoiseIndexSampler", "pseudo_huber", "split_chunks", "consistency_loss"]
+
+
+def consistency_step_delta(step: int, total_steps: int, start: float = 0.1, end: float = 1e-3) -> float:
+    """Exponential consistency step schedule in index units: max(0.1^(1 + 2k/K), 1e-3).
+
+    ``start`` and ``end`` generalise the 0.1 base and the 1e-3 floor (0.1 -> 0.001 over K steps).
+    """
+    k = min(max(step, 0), max(total_steps, 1))
+    return max(start ** (1.0 + 2.0 * k / max(total_steps, 1)), end)
+
+
+class NoiseIndexSampler:
+    """Draws continuous noise indices ``i`` in (0, 1] so that log(sigma(i)) ~ N(mean, std).
+
+    A fine grid of ``i`` is weighted by the normal density of ``log(sigma(i))`` (v1 practice),
+    a grid cell is drawn from those weights, then a uniform offset inside the cell makes ``i``
+    continuous.
+    """
+
+    def __init__(self, config: ModelConfig, mean: float = -1.1, std: float = 2.0, grid: int = 10000) -> None:
+        edges = torch.linspace(0.0, 1.0, grid + 1, dtype=torch.float64)
+        centres = (edges[:-1] + edges[1:]) / 2
+        log_sigma = torch.log(sigma_from_index(centres, config.sigma_min, config.sigma_max, config.rho).double())
+        weights = torch.exp(-0.5 * ((log_sigma - mean) / std) ** 2)
+        self.probs = (weights / weights.sum()).float()
+        self.cell = 1.0 / grid
+
+    def sample(self, shape: Tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Indices of the given shape (float32, on the generator's device)."""
+        n = math.prod(shape)
+        device = generator.device if generator is not None else torch.device("cpu")
+        if self.probs.device != device:  # draw on the generator's device (the GPU in training)
+            self.probs = self.probs.to(device)
+        cells = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+        offset = torch.rand(n, generator=generator, device=device)
+        return ((cells.float() + offset) * self.cell).clamp(1e-6, 1.0).reshape(shape)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(||a - b||^2 + c^2) - c over all but the leading two axes: (B, W, ...) -> (B, W)."""
+    sq = (a.float() - b.float()).pow(2).flatten(2).sum(-1)
+    return torch.sqrt(sq + c * c) - c
+
+
+def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+    """(B, C, F, 2 * chunk_frames) spectrogram -> (B, 2, C, F, chunk_frames) window of chunks."""
+    b, c, f, t = spec.shape
+    if t != 2 * chunk_frames:
+        raise ValueError(f"expected {2 * chunk_frames} frames (two chunks), got {t}")
+    return spec.reshape(b, c, f, 2, chunk_frames).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
+                     generator: torch.Generator | None = None,
+                     autocast_dtype: torch.dtype | None = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """One consistency-training loss evaluation.
+
+    Args:
+        model: the online network (student and, under no_grad, teacher).
+        wav: (B, audio_channels, 67072) crops: exactly two chunks of STFT frames.
+        delta: consistency step in index units (:func:`consistency_step_delta`).
+        sampler: noise index sampler.
+        generator: generator for indices and noise, ideally on the model's device (its state is
+            part of the training state).
+        autocast_dtype: e.g. torch.bfloat16 to run the network under autocast.
+
+    Returns:
+        (scalar loss with grad, {"sigma_mean": ..., "delta_sigma_mean": ...}).
+    """
+    cfg = model.config
+    device = wav.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        spec = model.spectral(wav.float())  # (B, C, F, 128)
+    x = split_chunks(spec, cfg.chunk_frames)  # (B, 2, C, F, T)
+    b, w = x.shape[:2]
+
+    i_hi = sampler.sample((b, w), generator)
+    i_lo = (i_hi - delta).clamp_min(0.0)
+    sig_hi = sigma_from_index(i_hi, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    sig_lo = sigma_from_index(i_lo, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    gen_device = generator.device if generator is not None else device
+    eps = torch.randn(x.shape, generator=generator, device=gen_device).to(device)  # same eps at both levels
+    view = (b, w, 1, 1, 1)
+
+    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                              enabled=autocast_dtype is not None)
+    with autocast:
+        latents, _ = model.encode_chunks(x.flatten(0, 1))  # (B*2, K, d): chunks independent
+        cross: List[torch.Tensor] = model.decoder_features(latents)  # chunk-major, as denoise expects
+        with torch.no_grad():
+            target = model.denoise(x + sig_lo.view(view) * eps, sig_lo, [c.detach() for c in cross])
+        pred = model.denoise(x + sig_hi.view(view) * eps, sig_hi, cross)
+
+    d = x[0, 0].numel()  # elements per chunk
+    dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
+    weight = 1.0 / (sig_hi - sig_lo).clamp_min(1e-8)
+    loss = (dist * weight).mean()
+    stats = {"sigma_mean": float(sig_hi.mean()), "delta_sigma_mean": float((sig_hi - sig_lo).mean())}
+    return loss, stats

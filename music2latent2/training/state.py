@@ -1,0 +1,114 @@
+"""Resumable training state in one ``state.safetensors`` file, without pickles.
+
+Tensors (model, EMA, optimiser state, RNG state) are safetensors entries; everything else
+(step counters, configs, optimiser hyperparameters and scalar state) is JSON in the file's
+metadata. The file is written to a temp name and renamed, so a crash never leaves a torn state.
+Data order needs no saved state: the loader is reseeded from ``(seed, step)`` on (re)start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["STATE_NAME", "STATE_FORMAT", "save_state", "load_state", "read_state_configs"]
+
+STATE_NAME = "state.safetensors"
+STATE_FORMAT = "music2latent2-train-state-1"
+
+
+def _state_path(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path)
+    return p / STATE_NAME if p.suffix != ".safetensors" else p
+
+
+def _flatten_optimizer(state: Dict[str, Any]) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, idx, key = name.split("/", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
+    """Write the full training state atomically to ``path`` (a directory or a .safetensors file)."""
+    p = _state_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, t in trainer.model.state_dict().items():
+        tensors[f"model/{name}"] = t.detach().cpu().contiguous()
+    for name, t in trainer.ema.state_dict().items():
+        tensors[f"ema/{name}"] = t.detach().cpu().contiguous()
+    optim_tensors, optim_meta = _flatten_optimizer(trainer.optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors["rng/generator"] = trainer.generator.get_state()
+    info = {"step": trainer.step, "skipped": trainer.skipped, "samples_seen": trainer.samples_seen,
+            "best_metric": trainer.best_metric, "optimizer": optim_meta}
+    metadata = {"format": "pt", "music2latent2_train_state": STATE_FORMAT, "info": json.dumps(info),
+                "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json()}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=p.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def read_state_configs(path: Union[str, os.PathLike]) -> tuple[TrainConfig, ModelConfig]:
+    """The training and model configs stored in a state file."""
+    p = _state_path(path)
+    if not p.is_file():
+        raise ValueError(f"training state not found: {p}")
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("music2latent2_train_state") != STATE_FORMAT:
+        raise ValueError(f"{p} is not a music2latent2 training state ({STATE_FORMAT})")
+    return TrainConfig.from_json(meta["train_config"]), ModelConfig.from_json(meta["model_config"])
+
+
+def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
+    """Restore model, EMA, optimiser, RNG and counters into ``trainer`` (strict)."""
+    p = _state_path(path)
+    _, model_config = read_state_configs(p)
+    if model_config.to_dict() != trainer.model.config.to_dict():
+        raise ValueError(f"{p} was saved for a different model config")
+    with safe_open(str(p), framework="pt") as f:
+        info = json.loads((f.metadata() or {})["info"])
+    tensors = load_file(str(p), device="cpu")
+    for prefix, module in (("model/", trainer.model), ("ema/", trainer.ema)):
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(sub, strict=True)
+    trainer.optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    trainer.generator.set_state(tensors["rng/generator"])
+    trainer.step = int(info["step"])
+    trainer.skipped = int(info["skipped"])
+    trainer.samples_seen = int(info["samples_seen"])
+    trainer.best_metric = info["best_metric"]
