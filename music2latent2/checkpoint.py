@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Union
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .fileio import atomic_write
 from .model import Music2Latent2
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "save_checkpoint", "load_checkpoint", "read_metadata",
@@ -111,15 +111,7 @@ def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: 
         tensors[name] = t.contiguous()
     metadata = {"format": "pt", "music2latent2_format_version": FORMAT_VERSION, "config": model.config.to_json()}
     metadata.update(extra_metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:

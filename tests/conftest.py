@@ -27,6 +27,16 @@ def make_tiny(audio_channels: int = 1, seed: int = 0) -> Music2Latent2:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module single-threaded: its tensors are small, and on a loaded 2-core machine
+    spinning OpenMP threads slow every op down instead of speeding it up."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Music2Latent2:
     return make_tiny()

@@ -8,14 +8,7 @@ import torch
 
 from music2latent2.metrics import mel_filterbank, multires_logmel_distance, si_sdr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small STFTs: extra OpenMP threads only add contention on a shared machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tone_mix(n: int = 44100, seed: int = 0) -> np.ndarray:

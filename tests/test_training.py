@@ -22,15 +22,7 @@ from music2latent2.training import (
 )
 from music2latent2.training.losses import NoiseIndexSampler, pseudo_huber
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add overhead, and on a shared, loaded machine spinning
-    # threads slow every op down a hundredfold.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MICRO = {"n_fft": 256, "hop_length": 64, "freq_bins": 128, "chunk_frames": 16}

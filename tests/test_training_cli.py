@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from music2latent2 import EncoderDecoder
 from music2latent2.checkpoint import read_metadata
@@ -19,12 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = json.dumps({"n_fft": 256, "hop_length": 64, "freq_bins": 128, "chunk_frames": 16})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_resume_export_evaluate(tmp_path, capsys):

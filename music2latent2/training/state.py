@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..fileio import atomic_write
 from .trainer import TrainConfig, Trainer
 
 __all__ = ["STATE_NAME", "STATE_FORMAT", "save_state", "load_state", "read_state_configs"]
@@ -71,15 +71,7 @@ def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
             "best_metric": trainer.best_metric, "optimizer": optim_meta}
     metadata = {"format": "pt", "music2latent2_train_state": STATE_FORMAT, "info": json.dumps(info),
                 "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_state_configs(path: Union[str, os.PathLike]) -> tuple[TrainConfig, ModelConfig]:
