@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -273,14 +274,14 @@ def run(args: argparse.Namespace) -> Tuple[List[Row], Dict[str, Dict[str, float]
                     continue
                 n = int(seconds * SR)
                 wav = torch.randn(count, n, generator=gen) * 0.1
-                t, mem, z = measure(lambda: runner.encode(wav), device)
+                t, mem, z = measure(partial(runner.encode, wav), device)
                 rows.append(Row(dev_name, runner.name, f"{case} {count}x{seconds:g}s", "encode", count * seconds,
                                 t, mem, f["encode"]))
                 print(rows[-1], flush=True)
                 modes = ["autoregressive"] + (["parallel"] if name != "v1" and "parallel" in args.modes
                                               and (case == "long" or args.parallel_short) else [])
                 for mode in modes:
-                    t, mem, _ = measure(lambda: runner.decode(z, n, mode), device)
+                    t, mem, _ = measure(partial(runner.decode, z, n, mode), device)
                     op = "decode" if mode == "autoregressive" else "decode (parallel)"
                     rows.append(Row(dev_name, runner.name, f"{case} {count}x{seconds:g}s", op, count * seconds, t, mem,
                                     f["decode" if mode == "autoregressive" else "parallel"]))
@@ -291,8 +292,8 @@ def run(args: argparse.Namespace) -> Tuple[List[Row], Dict[str, Dict[str, float]
             for seconds in args.memory_seconds:
                 n = int(seconds * SR)
                 wav = torch.randn(1, n, generator=gen) * 0.1
-                te, me, z = measure(lambda: runner.encode(wav), device)
-                td, md, _ = measure(lambda: runner.decode(z, n), device)
+                te, me, z = measure(partial(runner.encode, wav), device)
+                td, md, _ = measure(partial(runner.decode, z, n), device)
                 memory.append((dev_name, preset, seconds, me, md))
                 print("memory", memory[-1], f"(encode {te:.1f} s, decode {td:.1f} s)", flush=True)
                 del wav, z
@@ -321,6 +322,19 @@ def report(args: argparse.Namespace, rows: List[Row], flops: Dict[str, Dict[str,
     return "\n".join(lines)
 
 
+def _fix_malloc() -> None:
+    """Re-run this script with glibc's mmap threshold fixed (Linux, CPU peak memory).
+
+    glibc raises its mmap threshold dynamically after large frees, after which freed tensors
+    stay in the heap and RSS no longer falls: every later peak-RSS delta would read ~0. A fixed
+    threshold (glibc's default value, 128 KiB) returns large blocks to the OS on free, so the
+    RSS peak of each call is its own.
+    """
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["small", "paper"])
@@ -338,14 +352,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--compile", action="store_true", help="EncoderDecoder(compile=True) for our models")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true",
-                   help="CPU-sized run: 8 s file, 2 x 4 s batch, memory probe 10 s vs 40 s (explicit flags win)")
+                   help="CPU-sized run: 8 s file, 2 x 4 s batch, memory probe 15 s vs 120 s (explicit flags win)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         for flag, attr, value in [("--long-seconds", "long_seconds", 8.0), ("--short-count", "short_count", 2),
                                   ("--short-seconds", "short_seconds", 4.0), ("--memory-seconds", "memory_seconds",
-                                                                               [10.0, 40.0])]:
+                                                                               [15.0, 120.0])]:
             if flag not in given:
                 setattr(args, attr, value)
     if args.threads:
@@ -363,7 +377,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                       "the architecture).", "", f"Command: `{command.strip()}`", "", f"Settings: {settings}", ""]
                      + [f"- {k}: {v}" for k, v in info.items()]
                      + ["", "Peak memory: CPU = peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS at the "
-                        "start of the call; CUDA = torch.cuda.max_memory_allocated minus allocated at the start. "
+                        "start of the call, with MALLOC_MMAP_THRESHOLD_=131072 so freed blocks leave the process; "
+                        "CUDA = torch.cuda.max_memory_allocated minus allocated at the start. "
                         "Decode timings include the sampler noise, the inverse STFT and the copy back to the host.",
                         "", table, ""])
     out = Path(args.out)
@@ -374,4 +389,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    _fix_malloc()
     main()

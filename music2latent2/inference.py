@@ -277,7 +277,8 @@ class EncoderDecoder:
         with self._autocast():
             sampler = iter_autoregressive if mode == "autoregressive" else iter_parallel
             stream = sampler(self.model, seq, sigma_cond=sigma_cond, denoising_steps=denoising_steps,
-                             generator=generator, max_batch_size=self._batch_size(max_batch_size), pad=self.static_shapes)
+                             generator=generator, max_batch_size=self._batch_size(max_batch_size),
+                             pad=self.static_shapes)
             wav = self._assemble(stream, b * c, chunks)
         wav = wav[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
         wav = wav.reshape(b, c * cfg.audio_channels, length)
