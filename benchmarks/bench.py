@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> Tuple[List[Row], Dict[str, Dict[str, float]
 
 def report(args: argparse.Namespace, rows: List[Row], flops: Dict[str, Dict[str, float]], peaks: Dict[str, float],
            memory: List[Tuple[str, str, float, float, float]]) -> str:
-    lines = ["| device | model | input | op | audio s | wall s | x real time | peak mem MiB | GFLOP/s achieved |",
+    lines = ["| device | model | input | op | audio s | wall s | audio s per s (= x real time) | peak mem MiB | GFLOP/s achieved |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         frac = f" ({100 * r.flops_per_s / peaks[r.device]:.1f}% of bf16 peak)" if r.device in peaks else ""
@@ -380,7 +380,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "start of the call, with MALLOC_MMAP_THRESHOLD_=131072 so freed blocks leave the process; "
                         "CUDA = torch.cuda.max_memory_allocated minus allocated at the start. "
                         "Decode timings include the sampler noise, the inverse STFT and the copy back to the host.",
-                        "", table, ""])
+                        "", table, ""]
+                     + ([] if peaks else ["CUDA was not available on this machine: no GPU numbers (and no fraction "
+                                          "of the bf16 matmul peak) were measured in this run.", ""])
+                     + ["Timings are single runs after one warm-up call; on a machine shared with other jobs they "
+                        "are noisy (seen here: up to ~2x between runs).", ""])
     out = Path(args.out)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)

@@ -91,7 +91,10 @@ class EncoderDecoder:
             # Module.compile() swaps the forward for a compiled one without changing the module's
             # parameters or state_dict; dynamic=False plus batch padding keeps shapes static.
             for part in (self.model.encoder, self.model.decoder, self.model.consistency):
-                part.compile(dynamic=False)
+                if hasattr(part, "compile"):  # nn.Module.compile: torch >= 2.2
+                    part.compile(dynamic=False)
+                else:
+                    part.forward = torch.compile(part.forward, dynamic=False)  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------- properties
     @property
@@ -238,13 +241,16 @@ class EncoderDecoder:
         (section IV-4): one model evaluation per chunk, in sequence. ``mode="parallel"`` decodes
         every chunk independently in one batched pass, then re-generates each chunk in a second
         batched pass conditioned on its predecessor's first-pass estimate (see
-        :func:`~music2latent2.sampling.iter_parallel`): about twice the arithmetic, but in large
-        batches, so much faster for a single long file on a GPU.
+        :func:`~music2latent2.sampling.iter_parallel`): one extra one-chunk evaluation per chunk
+        (about 1.4x the arithmetic), but no chunk waits for another, so a single long file runs
+        in full batches. That pays off where batch size matters (a GPU); a CPU is already busy
+        at batch 1, so there it is slower. The output differs from autoregressive mode's.
 
         Args:
             latents: (C, d_lat, L) or (B, C, d_lat, L), as :meth:`encode` returns.
             length: samples to return (<= chunks * 32768); default all of them.
-            max_batch_size: sequences (channels x batch items) per model evaluation.
+            max_batch_size: sequences (channels x batch items) per model evaluation; in parallel
+                mode, windows (sequences x chunks) per evaluation.
             denoising_steps: consistency steps per chunk (1 = the paper's).
             sigma_cond: noise level for re-noising the previous chunk (paper: 0.4).
             seed / generator: make the noise, and so the output, reproducible.
