@@ -302,7 +302,8 @@ def run(args: argparse.Namespace) -> Tuple[List[Row], Dict[str, Dict[str, float]
 
 def report(args: argparse.Namespace, rows: List[Row], flops: Dict[str, Dict[str, float]], peaks: Dict[str, float],
            memory: List[Tuple[str, str, float, float, float]]) -> str:
-    lines = ["| device | model | input | op | audio s | wall s | audio s per s (= x real time) | peak mem MiB | GFLOP/s achieved |",
+    lines = ["| device | model | input | op | audio s | wall s | audio s per s (= x real time) | peak mem MiB "
+             "| GFLOP/s achieved |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         frac = f" ({100 * r.flops_per_s / peaks[r.device]:.1f}% of bf16 peak)" if r.device in peaks else ""
@@ -328,9 +329,12 @@ def _fix_malloc() -> None:
     glibc raises its mmap threshold dynamically after large frees, after which freed tensors
     stay in the heap and RSS no longer falls: every later peak-RSS delta would read ~0. A fixed
     threshold (glibc's default value, 128 KiB) returns large blocks to the OS on free, so the
-    RSS peak of each call is its own.
+    RSS peak of each call is its own. It also makes CPU inference slower (every large tensor is
+    a fresh mmap: small preset, 8 s decode 6.3 s -> 10.3 s here), for every model alike; use
+    ``--default-malloc`` for timings closer to normal use (CPU peak memory is then unreliable).
     """
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if (sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+            and "--default-malloc" not in sys.argv):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
 
@@ -350,6 +354,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--v1-segment-seconds", type=float, default=60.0, help="v1's max_waveform_length default")
     p.add_argument("--no-v1", action="store_true")
     p.add_argument("--compile", action="store_true", help="EncoderDecoder(compile=True) for our models")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's dynamic mmap threshold: faster CPU timings, unreliable CPU peak memory")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized run: 8 s file, 2 x 4 s batch, memory probe 15 s vs 120 s (explicit flags win)")
@@ -384,7 +390,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                      + ([] if peaks else ["CUDA was not available on this machine: no GPU numbers (and no fraction "
                                           "of the bf16 matmul peak) were measured in this run.", ""])
                      + ["Timings are single runs after one warm-up call; on a machine shared with other jobs they "
-                        "are noisy (seen here: up to ~2x between runs).", ""])
+                        "are noisy (seen here: up to ~2x between runs).", ""]
+                     + ([] if args.default_malloc or not sys.platform.startswith("linux") else
+                        ["CPU timings were taken with MALLOC_MMAP_THRESHOLD_ fixed (needed for the RSS peaks), which "
+                         "slows CPU inference for every model alike (small preset, 8 s decode: 6.3 s without, 10.3 s "
+                         "with, measured separately); `--default-malloc` times without it.", ""]))
     out = Path(args.out)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(text)
