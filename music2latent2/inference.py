@@ -21,10 +21,12 @@ import torch
 from .audio import AudioLike, check_finite, load_audio, resample, to_float_array
 from .config import ModelConfig
 from .model import Music2Latent2
-from .sampling import iter_autoregressive, map_batches
+from .sampling import iter_autoregressive, iter_parallel, map_batches
 from .spectral import pad_for_chunks
 
 __all__ = ["EncoderDecoder"]
+
+DECODE_MODES = ("autoregressive", "parallel")
 
 PRECISIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -59,13 +61,17 @@ class EncoderDecoder:
         device: where to run; default CUDA when available, else CPU.
         precision: "float32" (default), "bfloat16" or "float16": autocast on the model's device
             type for the network; spectral transforms always run in float32.
-        max_batch_size: default for ``encode``/``decode``: chunks (encode) or sequences (decode)
-            per forward pass.
+        max_batch_size: default for ``encode``/``decode``: chunks (encode) or sequences (decode;
+            windows in parallel mode) per forward pass.
+        compile: ``torch.compile`` the encoder, decoder and consistency network (in place, on
+            the given module) with static shapes, and pad every batch up to ``max_batch_size``
+            rows so shapes never change between calls (no recompilation; the first call of each
+            shape is slow). Worth it on GPU for long or repeated jobs.
     """
 
     def __init__(self, model: Union[Music2Latent2, str, os.PathLike, None] = None,
                  device: Union[str, torch.device, None] = None, precision: Union[str, torch.dtype] = "float32",
-                 max_batch_size: int = 32) -> None:
+                 max_batch_size: int = 32, compile: bool = False) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -78,6 +84,17 @@ class EncoderDecoder:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.compile = bool(compile)
+        # Pad every batch to max_batch_size rows (static shapes); on whenever compiled.
+        self.static_shapes = self.compile
+        if self.compile:
+            # Module.compile() swaps the forward for a compiled one without changing the module's
+            # parameters or state_dict; dynamic=False plus batch padding keeps shapes static.
+            for part in (self.model.encoder, self.model.decoder, self.model.consistency):
+                if hasattr(part, "compile"):  # nn.Module.compile: torch >= 2.2
+                    part.compile(dynamic=False)
+                else:
+                    part.forward = torch.compile(part.forward, dynamic=False)  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------- properties
     @property
@@ -187,7 +204,7 @@ class EncoderDecoder:
                 z, feats = self.model.encode_chunks(spec)
             return torch.cat([z.float(), feats.float()], dim=-1)  # (n, K, d_lat + dim)
 
-        out = map_batches(encode_group, max_batch_size, index)  # (S*chunks, K, d_lat + dim)
+        out = map_batches(encode_group, max_batch_size, index, pad=self.static_shapes)  # (S*chunks, K, d_lat + dim)
         z, feats = out.split([cfg.latent_dim, cfg.dim], dim=-1)
         k = cfg.summary_tokens
         latents = z.reshape(s, chunks, k, cfg.latent_dim).permute(0, 3, 1, 2).reshape(s, cfg.latent_dim, chunks * k)
@@ -218,21 +235,34 @@ class EncoderDecoder:
     def decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int] = None,
                max_batch_size: Optional[int] = None, denoising_steps: int = 1, sigma_cond: float = 0.4,
                seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               ) -> Union[np.ndarray, torch.Tensor]:
-        """Decode latents to 44.1 kHz audio, autoregressively, two-step (paper section IV-4).
+               mode: str = "autoregressive") -> Union[np.ndarray, torch.Tensor]:
+        """Decode latents to 44.1 kHz audio.
+
+        ``mode="autoregressive"`` (default) is the paper's two-step autoregressive decoding
+        (section IV-4): one model evaluation per chunk, in sequence. ``mode="parallel"`` decodes
+        every chunk independently in one batched pass, then re-generates each chunk in a second
+        batched pass conditioned on its predecessor's first-pass estimate (see
+        :func:`~music2latent2.sampling.iter_parallel`): one extra one-chunk evaluation per chunk
+        (about 1.4x the arithmetic), but no chunk waits for another, so a single long file runs
+        in full batches. That pays off where batch size matters (a GPU); a CPU is already busy
+        at batch 1, so there it is slower. The output differs from autoregressive mode's.
 
         Args:
             latents: (C, d_lat, L) or (B, C, d_lat, L), as :meth:`encode` returns.
             length: samples to return (<= chunks * 32768); default all of them.
-            max_batch_size: sequences (channels x batch items) per model evaluation.
+            max_batch_size: sequences (channels x batch items) per model evaluation; in parallel
+                mode, windows (sequences x chunks) per evaluation.
             denoising_steps: consistency steps per chunk (1 = the paper's).
             sigma_cond: noise level for re-noising the previous chunk (paper: 0.4).
             seed / generator: make the noise, and so the output, reproducible.
+            mode: "autoregressive" or "parallel".
 
         Returns:
             (C * audio_channels, length) or (B, C * audio_channels, length) waveform; numpy for
             numpy latents, torch on the latents' device for torch latents.
         """
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         cfg = self.config
         batch = self._prepare_latents(latents)
         z = batch.wav if batch.ndim == 4 else batch.wav[None]
@@ -252,8 +282,10 @@ class EncoderDecoder:
         seq = z.reshape(b * c, cfg.latent_dim, chunks, cfg.summary_tokens).permute(0, 2, 3, 1)  # (S, T, K, d)
         seq = seq / cfg.latent_scale
         with self._autocast():
-            stream = iter_autoregressive(self.model, seq, sigma_cond=sigma_cond, denoising_steps=denoising_steps,
-                                         generator=generator, max_batch_size=self._batch_size(max_batch_size))
+            sampler = iter_autoregressive if mode == "autoregressive" else iter_parallel
+            stream = sampler(self.model, seq, sigma_cond=sigma_cond, denoising_steps=denoising_steps,
+                             generator=generator, max_batch_size=self._batch_size(max_batch_size),
+                             pad=self.static_shapes)
             wav = self._assemble(stream, b * c, chunks)
         wav = wav[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
         wav = wav.reshape(b, c * cfg.audio_channels, length)
@@ -275,5 +307,6 @@ class EncoderDecoder:
 
     def __repr__(self) -> str:
         return (f"EncoderDecoder(params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}, "
-                f"precision={self.precision}, audio_channels={self.config.audio_channels})")
+                f"precision={self.precision}, audio_channels={self.config.audio_channels}"
+                f"{', compile=True' if self.compile else ''})")
 

@@ -14,7 +14,7 @@ import torch
 from .edm import karras_sigmas
 from .model import Music2Latent2
 
-__all__ = ["iter_autoregressive", "noise", "map_batches"]
+__all__ = ["iter_autoregressive", "iter_parallel", "noise", "map_batches"]
 
 Out = TypeVar("Out", torch.Tensor, List[torch.Tensor])
 
@@ -26,15 +26,37 @@ def noise(shape: Sequence[int], device: torch.device, generator: Optional[torch.
     return torch.randn(*shape, device=generator.device, generator=generator).to(device, non_blocking=True)
 
 
-def map_batches(fn: Callable[..., Out], max_batch_size: Optional[int], *args: torch.Tensor) -> Out:
+def map_batches(fn: Callable[..., Out], max_batch_size: Optional[int], *args: torch.Tensor,
+                pad: bool = False) -> Out:
     """Apply ``fn`` to slices of at most ``max_batch_size`` along dim 0 of every arg, concatenated.
 
     ``fn`` may return a tensor or a list of tensors (concatenated element-wise).
+
+    Args:
+        fn: the batched function.
+        max_batch_size: slice size; None or 0 means one call on everything.
+        *args: tensors sharing dim 0 (N).
+        pad: give ``fn`` exactly ``max_batch_size`` rows every call, padding the last slice by
+            repeating its last row and dropping the extra outputs. Shapes then never change,
+            which is what ``torch.compile`` with static shapes needs (no recompilation).
+            Rows must be independent in ``fn`` (true for every network here: no batch norm).
     """
     n = args[0].shape[0]
-    if not max_batch_size or n <= max_batch_size:
+    if not max_batch_size or (n <= max_batch_size and not pad):
         return fn(*args)
-    parts = [fn(*(a[i:i + max_batch_size] for a in args)) for i in range(0, n, max_batch_size)]
+    parts = []
+    for i in range(0, n, max_batch_size):
+        chunk = [a[i:i + max_batch_size] for a in args]
+        rows = chunk[0].shape[0]
+        if pad and rows < max_batch_size:
+            # Repeat a real row rather than zeros so padded rows stay finite (sigma=0 is not valid).
+            chunk = [torch.cat([c, c[-1:].expand(max_batch_size - rows, *c.shape[1:])]) for c in chunk]
+        out = fn(*chunk)
+        if rows < max_batch_size and pad:
+            out = out[:rows] if isinstance(out, torch.Tensor) else [o[:rows] for o in out]
+        parts.append(out)
+    if len(parts) == 1:
+        return parts[0]
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)  # type: ignore[return-value]
     return [torch.cat(level) for level in zip(*parts)]  # type: ignore[return-value]
@@ -46,7 +68,7 @@ def _window_cross(prev: List[torch.Tensor], cur: List[torch.Tensor]) -> List[tor
 
 
 def _evaluate(model: Music2Latent2, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor],
-              max_batch_size: Optional[int]) -> torch.Tensor:
+              max_batch_size: Optional[int], pad: bool = False) -> torch.Tensor:
     w = x.shape[1]
     # Regroup cross from (S*W, ...) to (S, W, ...) so map_batches slices whole windows.
     cross_w = [c.unflatten(0, (-1, w)) for c in cross]
@@ -54,12 +76,19 @@ def _evaluate(model: Music2Latent2, x: torch.Tensor, sigma: torch.Tensor, cross:
     def run(xb: torch.Tensor, sb: torch.Tensor, *cb: torch.Tensor) -> torch.Tensor:
         return model.denoise(xb, sb, [c.flatten(0, 1) for c in cb])
 
-    return map_batches(run, max_batch_size, x, sigma, *cross_w)
+    return map_batches(run, max_batch_size, x, sigma, *cross_w, pad=pad)
+
+
+def _sigma_table(levels: Sequence[float], rows: int, device: torch.device) -> torch.Tensor:
+    """(rows, len(levels)) noise levels, built once before a loop: building a tensor from Python
+    floats inside the loop would be a host-to-device copy every model evaluation on CUDA."""
+    return torch.tensor(list(levels), dtype=torch.float32, device=device).expand(rows, len(levels)).contiguous()
 
 
 def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
                         denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
-                        max_batch_size: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+                        max_batch_size: Optional[int] = None, pad: bool = False,
+                        ) -> Iterator[Tuple[int, torch.Tensor]]:
     """The paper's two-step autoregressive decoding (SPEC section 5).
 
     Chunk 0 is denoised alone in one step from sigma_max. For t > 0 the window
@@ -74,6 +103,8 @@ def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond:
         denoising_steps: model evaluations per chunk (>= 1).
         generator: source of all noise, for reproducible decoding.
         max_batch_size: sequences per model evaluation.
+        pad: pad every model evaluation to ``max_batch_size`` rows (static shapes for
+            ``torch.compile``); see :func:`map_batches`.
 
     Yields:
         (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
@@ -84,31 +115,137 @@ def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond:
     shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
     extra_sigmas = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
 
-    def sig(*levels: float) -> torch.Tensor:
-        return torch.tensor(levels, device=device, dtype=torch.float32).expand(s_count, len(levels))
+    levels = [cfg.sigma_max] + extra_sigmas
+    # All noise levels as device tensors up front: the loop below never touches the host.
+    single = [_sigma_table([level], s_count, device) for level in levels]
+    pairs = [_sigma_table([sigma_cond, level], s_count, device) for level in levels]
 
     prev: Optional[torch.Tensor] = None
     prev_cross: List[torch.Tensor] = []
     for t in range(t_count):
-        cross = map_batches(model.decoder_features, max_batch_size, latents[:, t])
+        cross = map_batches(model.decoder_features, max_batch_size, latents[:, t], pad=pad)
         x = cfg.sigma_max * noise(shape, device, generator)
         if prev is None:
-            cur = _evaluate(model, x[:, None], sig(cfg.sigma_max), cross, max_batch_size)[:, 0]
-            for level in extra_sigmas:
+            cur = _evaluate(model, x[:, None], single[0], cross, max_batch_size, pad)[:, 0]
+            for step, level in enumerate(extra_sigmas, start=1):
                 x = cur + level * noise(shape, device, generator)
-                cur = _evaluate(model, x[:, None], sig(level), cross, max_batch_size)[:, 0]
+                cur = _evaluate(model, x[:, None], single[step], cross, max_batch_size, pad)[:, 0]
         else:
             window_cross = _window_cross(prev_cross, cross)
-            levels = [cfg.sigma_max] + extra_sigmas
             for step, level in enumerate(levels):
                 if step > 0:
                     x = cur + level * noise(shape, device, generator)
                 past = prev + sigma_cond * noise(shape, device, generator)
-                out = _evaluate(model, torch.stack([past, x], dim=1), sig(sigma_cond, level), window_cross,
-                                max_batch_size)
+                out = _evaluate(model, torch.stack([past, x], dim=1), pairs[step], window_cross, max_batch_size, pad)
                 refined, cur = out[:, 0], out[:, 1]
             yield t - 1, refined
         prev, prev_cross = cur, cross
     assert prev is not None
     yield t_count - 1, prev
 
+
+def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
+                  denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+                  max_batch_size: Optional[int] = None, pad: bool = False,
+                  ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Parallel two-pass decoding: a constant number of batched passes instead of one per chunk.
+
+    Pass 1 denoises every chunk independently from sigma_max (window of one chunk): estimate
+    ``e_t``. Pass 2 evaluates, for every t > 0, the same two-chunk window the autoregressive
+    sampler uses, ``[e_{t-1} + sigma_cond * eps, sigma_max * eps']``, but with the predecessor's
+    *first-pass* estimate as context, so all windows are independent and run batched; chunk t
+    is the window's second output. Chunk 0 has no predecessor: a second one-chunk pass would
+    only draw another independent sample, so its first-pass estimate is kept as final.
+    ``denoising_steps > 1`` adds consistency steps to the pass-2 windows (as in
+    :func:`iter_autoregressive`); pass-1 estimates are only ever seen re-noised at sigma_cond.
+
+    Chunks are processed in groups of ``max(1, max_batch_size // S)`` time steps, so memory is
+    bounded by the batch size, not the audio length. Noise is drawn per chunk in time order
+    (``eps'_t``, ``eps_t``, then pass-1 noise), so the output does not depend on
+    ``max_batch_size``, and with one or two chunks it equals :func:`iter_autoregressive`'s for
+    the same generator state (chunk 0 then differs only by autoregressive mode's sigma_cond
+    refinement of it when there are two).
+
+    Args:
+        model: the network.
+        latents: (S, T, K, d_lat) unscaled latents (the tanh range).
+        sigma_cond: noise level the predecessor's estimate is re-noised to.
+        denoising_steps: model evaluations per chunk in pass 2 (>= 1).
+        generator: source of all noise, for reproducible decoding.
+        max_batch_size: windows per model evaluation (None: everything in one group).
+        pad: pad every model evaluation to ``max_batch_size`` rows (static shapes).
+
+    Yields:
+        (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
+    """
+    cfg = model.config
+    s_count, t_count = latents.shape[:2]
+    device = latents.device
+    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
+    extra_sigmas = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
+    levels = [cfg.sigma_max] + extra_sigmas
+    group = t_count if not max_batch_size else max(1, max_batch_size // s_count)
+    single = _sigma_table([cfg.sigma_max], s_count * group, device)
+    pairs = [_sigma_table([sigma_cond, level], s_count * group, device) for level in levels]
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # (S, G, ...) -> (S*G, ...), sequence-major
+        return x.flatten(0, 1)
+
+    carry: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None  # (e_{t0-1}, its cross)
+    for t0 in range(0, t_count, group):
+        t1 = min(t0 + group, t_count)
+        g = t1 - t0
+        cross = map_batches(model.decoder_features, max_batch_size, flat(latents[:, t0:t1]), pad=pad)
+        cross = [c.unflatten(0, (s_count, g)) for c in cross]  # (S, G, ...)
+        # Noise per chunk in time order, independent of the grouping.
+        fresh, cond, first = [], [], []
+        for t in range(t0, t1):
+            if t > 0:
+                fresh.append([cfg.sigma_max * noise(shape, device, generator)]
+                             + [level * noise(shape, device, generator) for level in extra_sigmas])
+                cond.append([sigma_cond * noise(shape, device, generator) for _ in levels])
+            if t < t_count - 1:  # the last chunk's estimate is never anyone's context
+                first.append(cfg.sigma_max * noise(shape, device, generator))
+
+        # Pass 1: one-chunk windows for chunks t0 .. min(t1, T-1) - 1.
+        n1 = len(first)
+        est = None
+        if n1:
+            x1 = torch.stack(first, dim=1)  # (S, n1, ...)
+            c1 = [c[:, :n1] for c in cross]
+            est = _evaluate(model, flat(x1)[:, None], single[:s_count * n1], [flat(c) for c in c1],
+                            max_batch_size, pad)[:, 0].unflatten(0, (s_count, n1))
+        # Context of chunk t is e_{t-1}: the carried estimate, then this group's.
+        ctx_est = [carry[0][:, None]] if carry is not None else []
+        ctx_cross = [[c[:, None] for c in carry[1]]] if carry is not None else []
+        if est is not None:
+            ctx_est.append(est)
+            ctx_cross.append([c[:, :n1] for c in cross])
+        finals: List[torch.Tensor] = []
+        if t0 == 0:
+            finals.append(est[:, 0] if est is not None else None)  # type: ignore[arg-type]
+        n2 = len(fresh)
+        if n2:
+            past_est = torch.cat(ctx_est, dim=1)[:, :n2]  # e_{t-1} for t = max(t0, 1) .. t1-1
+            past_cross = [torch.cat(level, dim=1)[:, :n2] for level in zip(*ctx_cross)]
+            cur_cross = [c[:, g - n2:] for c in cross]
+            window_cross = [torch.stack([p, c], dim=2).flatten(0, 2) for p, c in zip(past_cross, cur_cross)]
+            cur = None
+            for step in range(len(levels)):
+                x = torch.stack([f[step] for f in fresh], dim=1)
+                if step > 0:
+                    x = cur + x  # re-noise the current estimate to the next lower level
+                past = past_est + torch.stack([c[step] for c in cond], dim=1)
+                out = _evaluate(model, torch.stack([flat(past), flat(x)], dim=1), pairs[step][:s_count * n2],
+                                window_cross, max_batch_size, pad)
+                cur = out[:, 1].unflatten(0, (s_count, n2))
+            finals.extend(cur.unbind(1))  # type: ignore[union-attr]
+        if est is not None:
+            carry = (est[:, -1], [c[:, n1 - 1] for c in cross])
+        if finals and finals[0] is None:
+            # A single-chunk input: the one chunk is the last one, with no pass-1 noise drawn.
+            x = cfg.sigma_max * noise(shape, device, generator)
+            finals[0] = _evaluate(model, x[:, None], single[:s_count], [c[:, 0] for c in cross],
+                                  max_batch_size, pad)[:, 0]
+        for offset, chunk in enumerate(finals):
+            yield t0 + offset, chunk
