@@ -287,23 +287,32 @@ class EncoderDecoder:
                              generator=generator, max_batch_size=self._batch_size(max_batch_size),
                              pad=self.static_shapes)
             wav = self._assemble(stream, b * c, chunks)
-        wav = wav[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
-        wav = wav.reshape(b, c * cfg.audio_channels, length)
+        # Reshape the contiguous buffer first, then crop: both are views, no copy of the audio.
+        wav = wav.reshape(b, c * cfg.audio_channels, -1)[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
         return self._give_back(wav, 3 if batch.ndim == 4 else 2, batch.kind, batch.device)
 
     def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int) -> torch.Tensor:
-        """Overlap-add finished spectrogram chunks into the padded waveform (S, ac, samples)."""
+        """Overlap-add finished spectrogram chunks into the padded waveform (S, ac, samples).
+
+        Chunk t's frames reach ``n_fft - hop`` samples past its own span, so once chunk t is
+        added, samples ``[t * chunk_samples, (t + 1) * chunk_samples)`` are complete and are
+        divided by the window envelope in place right away. Every such region has the envelope of
+        a two-chunk sequence (the first region that of its first chunk), so only a two-chunk
+        envelope is ever built: the output buffer is the only allocation that grows with length.
+        """
         cfg = self.config
         spectral = self.model.spectral
-        span = cfg.chunk_samples + cfg.n_fft - cfg.hop_length
-        out = torch.zeros(sequences, cfg.audio_channels, chunks * cfg.chunk_samples + cfg.n_fft - cfg.hop_length,
-                          device=self.device)
+        cs = cfg.chunk_samples
+        span = cs + cfg.n_fft - cfg.hop_length
+        out = torch.zeros(sequences, cfg.audio_channels, chunks * cs + cfg.n_fft - cfg.hop_length, device=self.device)
         with torch.autocast(device_type=self.device.type, enabled=False):
+            env = spectral.window_envelope(2 * cfg.chunk_frames, self.device).clamp_min(1e-3)  # (2cs + n_fft - hop,)
             for t, spec in stream:
-                start = t * cfg.chunk_samples
+                start = t * cs
                 out[..., start:start + span] += spectral.overlap_add_frames(spectral.frames(spec.float()))
-            env = spectral.window_envelope(chunks * cfg.chunk_frames, self.device)
-        return out / env.clamp_min(1e-3)
+                out[..., start:start + cs] /= env[:cs] if t == 0 else env[cs:2 * cs]
+            out[..., chunks * cs:] /= env[2 * cs:]
+        return out
 
     def __repr__(self) -> str:
         return (f"EncoderDecoder(params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}, "
