@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.shard:
             cmd += ["--shard", args.shard]
         status = cli_main(cmd)
-        if status == 2 or args.shard:
+        if status in (2, 130) or args.shard:  # usage error, interrupted, or only one shard's share
             return status
         if status:
             print("some files failed (listed above); statistics cover the files that were encoded", file=sys.stderr)

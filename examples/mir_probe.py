@@ -105,14 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device:
             cmd += ["--device", args.device]
         status = cli_main(cmd)
-        if status == 2:
+        if status in (2, 130):  # usage error or interrupted: a probe on partial features would mislead
             return status
         x, labels = load_features(feats_dir)
     result = run_probe(x, labels, args.test_fraction, args.seed)
     print(f"{result['classes']} classes, {result['train_files']} train / {result['test_files']} test files: "
           f"train accuracy {result['train_accuracy']:.3f}, test accuracy {result['test_accuracy']:.3f} "
           f"(majority baseline {result['majority_baseline']:.3f})")
-    return 0
+    return status  # 1 when some files failed (the probe covers the rest)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: 
     p = Path(path)
     if p.suffix != ".safetensors":
         p.mkdir(parents=True, exist_ok=True)
-        (p / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(p / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         p = p / WEIGHTS_NAME
     p.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}

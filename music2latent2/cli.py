@@ -27,8 +27,10 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .audio import load_audio, resample
-from .latents_io import LatentMetadata, atomic_write, load_latents, save_latents
+from .audio import check_finite, load_audio, resample
+from .checkpoint import WEIGHTS_NAME, sha256_file
+from .fileio import atomic_write
+from .latents_io import LatentMetadata, load_latents, save_latents
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
 
@@ -110,21 +112,23 @@ def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str)
 
 
 # --------------------------------------------------------------------------- model identity
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_identity(model: str | None) -> Tuple[str, str]:
-    """(name as given, sha256 of its model.safetensors or "" when it is not a local file)."""
-    if model is None:
-        return "default", ""
-    p = Path(model)
-    weights = p / "model.safetensors" if p.is_dir() else p
-    return model, file_sha256(weights) if weights.is_file() else ""
+    """(name as given, sha256 of the checkpoint it resolves to).
+
+    A local file is hashed (once per run); a manifest name (None = the default entry) takes the
+    sha256 the manifest pins, which the hub has already checked while loading it.
+    """
+    if model is not None:
+        p = Path(model)
+        weights = p / WEIGHTS_NAME if p.is_dir() else p
+        if weights.is_file():
+            return model, sha256_file(weights)
+    from .hub import load_manifest
+
+    manifest = load_manifest()
+    name = model if model is not None else manifest.default
+    entry = manifest.models.get(name) if name is not None else None
+    return (model if model is not None else f"default:{name}"), (entry.sha256 if entry else "")
 
 
 # --------------------------------------------------------------------------- loading
@@ -180,9 +184,9 @@ def _load_audio_job(job: Job, model_sr: int, mono: bool) -> LoadedAudio:
     data, sr = load_audio(job.src)
     if mono:
         data = data.mean(axis=0, keepdims=True)
-    if not np.isfinite(data).all():
-        raise ValueError(f"audio file contains NaN or infinite values: {job.src}")
-    wav = resample(torch.from_numpy(data), sr, model_sr)
+    wav = torch.from_numpy(data)
+    check_finite(wav, f"audio file {job.src}")
+    wav = resample(wav, sr, model_sr)
     return LoadedAudio(wav, sr, data.shape[-1], data.shape[0])
 
 
@@ -308,14 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("encode", "features"):
             p.add_argument("--mono", action="store_true", help="average channels before encoding")
         if name in ("decode", "reconstruct"):
-            p.add_argument("--format", default="wav", choices=["wav", "flac"], help="output audio format")
+            p.add_argument("--format", default=None, choices=["wav", "flac"],
+                           help="output audio format (default: from -o when it names one .wav/.flac file, else wav)")
             p.add_argument("--sr", type=int, default=None, help="output sample rate (default: the original's)")
             p.add_argument("--seed", type=int, default=0, help="decoder noise seed, the same for every file")
             p.add_argument("--denoising-steps", type=int, default=1, help="consistency steps per chunk")
     return parser
 
 
+def _output_format(args: argparse.Namespace) -> str:
+    """--format, else the suffix of -o when it names the single output file, else wav."""
+    if args.format:
+        return args.format
+    suffix = Path(args.output).suffix.lower()
+    if len(args.inputs) == 1 and Path(args.inputs[0]).is_file() and suffix in (".wav", ".flac"):
+        return suffix[1:]
+    return "wav"
+
+
 def _run(args: argparse.Namespace) -> int:
+    if COMMANDS[args.command][1] is None:
+        args.format = _output_format(args)
     suffix = COMMANDS[args.command][1] or f".{args.format}"
     if args.batch_size < 1 or args.workers < 0 or (getattr(args, "sr", None) is not None and args.sr <= 0):
         print("error: --batch-size and --sr must be positive, --workers >= 0", file=sys.stderr)
@@ -330,10 +347,15 @@ def _run(args: argparse.Namespace) -> int:
     jobs = [j for j in jobs if shard_of(j.key, num) == index]
     todo = jobs if args.overwrite else [j for j in jobs if not j.dst.exists()]
     skipped = len(jobs) - len(todo)
+    if not todo:  # a finished run: nothing to load, hash or download
+        print(f"{args.command}: nothing to do, {skipped} output(s) already exist "
+              "(--overwrite to redo them)", file=sys.stderr)
+        return 0
     try:
         runner = Runner(args)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"error: cannot load model {args.model!r}: {err}", file=sys.stderr)
+    except Exception as err:  # a bad --device raises RuntimeError/AssertionError, a bad file ValueError...
+        print(f"error: cannot load model {args.model!r} on device {args.device!r}: "
+              f"{type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
     from tqdm.auto import tqdm

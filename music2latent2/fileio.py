@@ -40,6 +40,11 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     try:
         write(tmp)
         os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0600
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it (power loss, not just a kill)
+        finally:
+            os.close(fd)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

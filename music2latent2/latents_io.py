@@ -26,7 +26,7 @@ import torch
 from .fileio import atomic_write
 
 __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentMetadata", "save_latents",
-           "load_latents", "atomic_write"]
+           "load_latents"]
 
 LATENT_FORMAT = "music2latent2-latents"
 LATENT_FORMAT_VERSION = "1"

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -30,6 +28,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from music2latent2.checkpoint import CheckpointError, load_checkpoint, sha256_file  # noqa: E402
 from music2latent2.config import PRESETS, ModelConfig  # noqa: E402
+from music2latent2.fileio import atomic_write  # noqa: E402
 from music2latent2.hub import ManifestEntry, load_manifest, parse_manifest  # noqa: E402
 
 TOP_MANIFEST = ROOT / "weights_manifest.json"
@@ -64,18 +63,6 @@ def upload(checkpoint: Path, repo_id: str, filename: str, token: str | None, end
     return revision
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_manifests(entry: ManifestEntry, make_default: bool, paths: List[Path]) -> Dict[str, Any]:
     """Add or replace ``entry`` in the first manifest and write the result to every path in ``paths``."""
     current = load_manifest(paths[0])
@@ -86,7 +73,7 @@ def write_manifests(entry: ManifestEntry, make_default: bool, paths: List[Path])
     data = updated.to_dict()
     text = json.dumps(data, indent=2) + "\n"
     for path in paths:
-        _write_atomic(path, text)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return data
 
 
@@ -132,12 +119,7 @@ def main(argv: List[str] | None = None, api: Any = None) -> int:
     config = model.config
     sha, size = sha256_file(checkpoint), checkpoint.stat().st_size
     paths = args.manifest or [TOP_MANIFEST, PACKAGE_MANIFEST]
-    bundled = None
-    if args.bundle:
-        bundled = f"{args.name}.safetensors"
-        target = paths[-1].parent / "weights" / bundled
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint, target)
+    bundled = f"{args.name}.safetensors" if args.bundle else None
     if args.no_upload:
         revision = args.revision
     else:
@@ -154,6 +136,12 @@ def main(argv: List[str] | None = None, api: Any = None) -> int:
         entry = parsed.models[args.name]
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    if bundled is not None:
+        # Only once the upload and the entry are good, and atomically: a failed run must not leave
+        # a stray checkpoint in the package (it would ship in the wheel without a manifest entry).
+        # The bundle sits beside the package manifest, where the loader looks for it.
+        target = paths[-1].parent / "weights" / bundled
+        atomic_write(target, lambda tmp: shutil.copyfile(checkpoint, tmp))
     write_manifests(entry, args.default, paths)
     print(json.dumps({args.name: entry.to_dict()}, indent=2))
     return 0

@@ -15,7 +15,8 @@ import soundfile as sf
 import torch
 
 from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2, cli, load_latents
-from music2latent2.latents_io import atomic_write
+from music2latent2.checkpoint import sha256_file
+from music2latent2.fileio import atomic_write
 from music2latent2.spectral import num_chunks_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def _files(root: Path) -> Dict[str, bytes]:
 
 
 def test_encode_decode_round_trip(encoded: Path, dataset: Path, model_dir: Path, encdec: EncoderDecoder) -> None:
-    sha = cli.file_sha256(model_dir / "model.safetensors")
+    sha = sha256_file(model_dir / "model.safetensors")
     assert sorted(_files(encoded / "lat")) == ["a.m2l", "sub/b.m2l", "sub/deeper/c.m2l"]
     assert sorted(_files(encoded / "dec")) == ["a.wav", "sub/b.wav", "sub/deeper/c.wav"]
     for name, (sr, sec, ch) in FILES.items():
@@ -105,6 +106,13 @@ def test_reconstruct_and_features(dataset: Path, model_dir: Path, encdec: Encode
                 model_dir) == 0
     info = sf.info(str(out))
     assert (info.samplerate, info.frames, info.format) == (16000, math.ceil(int(22050 * 1.1) * 16000 / 22050), "FLAC")
+    # Without --format, a single output named .flac is a FLAC file (not a folder holding a .wav).
+    out.unlink()
+    assert _run(["reconstruct", str(dataset / "a.wav"), "-o", str(out)], model_dir) == 0
+    assert out.is_file() and sf.info(str(out)).format == "FLAC"
+    # A finished run has nothing to do: it exits 0 before loading the model (a bogus one here).
+    assert cli.main(["reconstruct", str(dataset / "a.wav"), "-o", str(out), "--model", str(tmp_path / "none"),
+                     "-q"]) == 0
 
     assert _run(["features", str(dataset), "-o", str(tmp_path / "feat"), "--workers", "0"], model_dir) == 0
     for name, (sr, _, ch) in FILES.items():
@@ -140,8 +148,15 @@ def test_bad_inputs_are_reported_and_skipped(dataset: Path, model_dir: Path, tmp
     sf.write(data / "good1.flac", _tone(44100, 0.4, 1, 1), 44100)  # same output name as good1.wav
     assert _run(["encode", str(data), "-o", str(tmp_path / "x")], model_dir) == 2
     assert "both be written" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["encode", str(data), "-o", str(tmp_path / "x"), "--shard", "2/2"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "x").exists()
+    # A model that cannot be put on the device is a usage error (2), not a failed input (1).
+    (data / "good1.flac").unlink()
+    assert cli.main(["encode", str(data), "-o", str(tmp_path / "x"), "--model", str(model_dir),
+                     "--device", "no-such-device", "-q"]) == 2
+    assert "cannot load model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

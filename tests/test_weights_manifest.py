@@ -153,3 +153,39 @@ def test_publish_upload_pins_the_returned_commit(checkpoint: Path, tmp_path: Pat
     assert top.read_bytes() == pkg.read_bytes()
     assert script.infer_preset(ModelConfig.from_preset("small", latent_scale=2.0)) == "small"
     assert script.infer_preset(ModelConfig.from_preset("tiny", depth=3)) == "custom"
+    probe = tmp_path / "probe"
+    probe.touch()  # manifests get ordinary permissions, not a temp file's private 0600
+    assert pkg.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+
+
+def test_publish_failed_upload_leaves_no_bundle(checkpoint: Path, tmp_path: Path) -> None:
+    script = load_script()
+
+    class BrokenApi:
+        def create_repo(self, **kwargs: Any) -> None:
+            pass
+
+        def upload_file(self, **kwargs: Any) -> SimpleNamespace:
+            raise ConnectionError("network down")
+
+    top, pkg = copy_manifests(tmp_path)
+    before = pkg.read_bytes()
+    with pytest.raises(ConnectionError):
+        script.main([str(checkpoint), "--name", "tiny-up", "--repo-id", "org/up", "--description", "d",
+                     "--bundle", "--manifest", str(top), "--manifest", str(pkg)], api=BrokenApi())
+    assert not (pkg.parent / "weights").exists() or not any((pkg.parent / "weights").iterdir())
+    assert pkg.read_bytes() == before
+
+
+def test_cli_model_identity_uses_the_manifest_sha(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Latents made with a released model must record which checkpoint made them, without hashing.
+    from music2latent2.cli import model_identity
+
+    manifest = tmp_path / "manifest.json"
+    data = json.loads((ROOT / "weights_manifest.json").read_text())
+    data["models"] = {"m2l2-small": entry(sha256="c" * 64)}
+    data["default"] = "m2l2-small"
+    manifest.write_text(json.dumps(data))
+    monkeypatch.setenv("MUSIC2LATENT2_MANIFEST", str(manifest))
+    assert model_identity("m2l2-small") == ("m2l2-small", "c" * 64)
+    assert model_identity(None) == ("default:m2l2-small", "c" * 64)
