@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from .audio import load_audio, resample
+from .fileio import atomic_write
 from .inference import EncoderDecoder
 from .metrics import multires_logmel_distance, si_sdr
 
@@ -162,12 +162,8 @@ def markdown_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     if args.out:
         out = Path(args.out)
-        _write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
-        _write_atomic(out / "results.md", table)
+        _write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
+        _write_text(out / "results.md", table)
         print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 

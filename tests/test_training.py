@@ -4,6 +4,8 @@ The network is the "tiny" preset with a shrunken STFT (n_fft 256, 128 bins, 16-f
 the same code paths as the real model at ~1/60 of the cost, so these tests stay fast.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,8 @@ def test_step_is_finite_and_grads_reach_all_modules():
     loss, _ = consistency_loss(trainer.model, _batch(trainer), 0.1, trainer.sampler, trainer.generator)
     assert torch.isfinite(loss) and float(loss.detach()) > 0
     loss.backward()
+    # Every parameter is in the graph (zero-initialised layers get zero, but not None, gradients).
+    assert all(p.grad is not None for p in trainer.model.parameters())
     for name in ("encoder", "decoder", "consistency"):
         grads = [p.grad for p in getattr(trainer.model, name).parameters() if p.grad is not None]
         assert grads, name
@@ -89,7 +93,8 @@ def test_step_is_finite_and_grads_reach_all_modules():
 
 
 def test_overfits_one_batch():
-    trainer = Trainer(_config(lr=5e-3))
+    # A constant consistency step: a shrinking delta alone would lower the 1/delta-weighted loss.
+    trainer = Trainer(_config(lr=5e-3, delta_start=0.1, delta_end=0.1))
     wav = _batch(trainer)
     losses = []
     for _ in range(25):
@@ -97,7 +102,7 @@ def test_overfits_one_batch():
         losses.append(trainer.train_step(wav)["loss"])
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[12] < losses[0], losses
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.95 * losses[0], losses
 
 
 def test_nan_batch_is_skipped_and_counted():
@@ -123,13 +128,23 @@ def test_lr_and_ema_schedules():
     assert trainer.ema_momentum_at(10 ** 6) == pytest.approx(0.9)
 
 
+def test_ema_follows_the_model_by_its_momentum():
+    trainer = Trainer(_config())
+    ema0 = [p.detach().clone() for p in trainer.ema.parameters()]
+    trainer.train_step(_batch(trainer))
+    m = trainer.ema_momentum_at(1)
+    for e0, e, p in zip(ema0, trainer.ema.parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(e, e0 + (1 - m) * (p.detach() - e0))
+    assert any(not torch.equal(e0, e) for e0, e in zip(ema0, trainer.ema.parameters()))
+
+
 def test_resume_reproduces_next_step(tmp_path):
     cfg = _config()
     a = Trainer(cfg)
     for s in range(2):
         a.train_step(_batch(a, s))
     path = save_state(a, tmp_path / "run")
-    assert path.name == "state.safetensors" and not list((tmp_path / "run").glob(".tmp-*"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["state.safetensors"]  # no temp files
     a.train_step(_batch(a, 2))
 
     b = Trainer(_config(seed=99))  # different init and RNG: everything must come from the state
@@ -166,3 +181,27 @@ def test_export_loads_in_encoderdecoder(tmp_path):
     assert np.abs(z).max() > 1.0 or scale <= 1.0  # scale applied
     rec = encdec.decode(z, length=3000, seed=0)
     assert rec.shape == (1, 3000) and np.all(np.isfinite(rec))
+
+
+def test_state_from_another_device_type_loads_with_reseeded_noise(tmp_path):
+    # A GPU run's CUDA generator state cannot be set on a CPU generator: export on CPU must work.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    a = Trainer(_config())
+    a.train_step(_batch(a))
+    path = save_state(a, tmp_path / "run")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    info = json.loads(meta["info"])
+    info["rng_device"] = "cuda"
+    meta["info"] = json.dumps(info)
+    tensors["rng/generator"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator state
+    save_file(tensors, str(path), metadata=meta)
+    b = Trainer(_config(seed=99))
+    load_state(b, tmp_path / "run")
+    assert b.step == 1
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert np.isfinite(b.train_step(_batch(b))["loss"])

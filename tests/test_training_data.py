@@ -5,7 +5,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from music2latent2.training.data import AudioSource, CropDataset, crop_samples, make_loader, parse_data_spec
+from music2latent2.training.data import (
+    AudioSource,
+    CropDataset,
+    build_sources,
+    crop_samples,
+    make_loader,
+    parse_data_spec,
+)
 
 CROP = crop_samples()
 
@@ -87,10 +94,25 @@ def test_loader_workers_get_different_seeds(folders):
     assert torch.equal(first, again)  # same seed, same stream
 
 
-def test_cache_budget(folders):
-    src = AudioSource(folders / "music", 1.0)
-    src.preload(cache_bytes=10 ** 9)
-    assert len(src.cache) == 4
-    small = AudioSource(folders / "music", 1.0)
-    small.preload(cache_bytes=100)
-    assert len(small.cache) == 0
+def test_cache_budget(folders, monkeypatch):
+    import music2latent2.training.data as data_module
+
+    src = AudioSource(folders / "music", 1.0, cache_budget=10 ** 9)
+    src.preload()
+    assert len(src.cache) == 4 and src.cached_bytes == sum(a.nbytes for a in src.cache.values())
+    one_file = next(iter(src.cache.values())).nbytes
+    # A budget for about one file: preload stops at the first file that does not fit instead of
+    # decoding (and throwing away) the rest of the corpus.
+    decoded = []
+    real_load = data_module.load_audio
+    monkeypatch.setattr(data_module, "load_audio", lambda p: decoded.append(p) or real_load(p))
+    small = AudioSource(folders / "music", 1.0, cache_budget=one_file + 10)
+    small.preload()
+    assert len(small.cache) == 1 and len(decoded) == 2 and small.cached_bytes <= small.cache_budget
+    none = AudioSource(folders / "music", 1.0)  # no budget: nothing cached, files still load
+    assert none.load(0).shape[-1] > 0 and not none.cache
+
+
+def test_build_sources_splits_the_budget(folders):
+    sources = build_sources([str(folders / "music"), str(folders / "speech")], preload_bytes=1000)
+    assert [s.cache_budget for s in sources] == [500, 500]

@@ -23,13 +23,12 @@ from .state import STATE_NAME, load_state, read_state_configs, save_state
 from .trainer import TrainConfig, Trainer
 
 
-def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None) -> tuple:
+def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, preload: bool = True) -> tuple:
     mc = trainer.model.config
     crop = crop_samples(mc.chunk_samples, mc.n_fft, mc.hop_length)
-    sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30))
+    sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0)
     print("data: " + describe_sources(sources), flush=True)
-    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step),
-                          cache_bytes=int(cfg.cache_gb * 2 ** 30))
+    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step))
     workers = cfg.num_workers if num_workers is None else num_workers
     return make_loader(dataset, cfg.batch_size, workers, pin_memory=trainer.device.type == "cuda"), crop
 
@@ -103,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         cfg.data = args.data
     trainer = Trainer(cfg, args.device or "cpu", model_config)
     load_state(trainer, args.state)
-    loader, _ = _loader(cfg, trainer, num_workers=0)
+    loader, _ = _loader(cfg, trainer, num_workers=0, preload=False)  # 8 batches: no need to decode the corpus
     path = _export(trainer, loader, Path(args.out), fp16=args.fp16)
     print(f"exported EMA weights of step {trainer.step} to {path}")
     return 0

@@ -65,6 +65,8 @@ class AudioSource:
     files: List[Path] = field(default_factory=list)
     lengths: List[int] = field(default_factory=list)
     cache: Dict[int, np.ndarray] = field(default_factory=dict)
+    cache_budget: int = 0  # bytes of decoded audio this source may keep in memory
+    cached_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -83,24 +85,26 @@ class AudioSource:
     def seconds(self) -> float:
         return sum(self.lengths) / self.sample_rate
 
-    def load(self, index: int, cache_bytes: int) -> np.ndarray:
-        """(C, T) float32 at the model rate, cached while the cache stays under ``cache_bytes``."""
+    def load(self, index: int) -> np.ndarray:
+        """(C, T) float32 at the model rate, cached while the cache stays within ``cache_budget``."""
         if index in self.cache:
             return self.cache[index]
         data, sr = load_audio(self.files[index])
         if sr != self.sample_rate:
             data = resample(torch.from_numpy(data), sr, self.sample_rate).numpy()
         data = np.ascontiguousarray(data, dtype=np.float32)
-        if sum(a.nbytes for a in self.cache.values()) + data.nbytes <= cache_bytes:
+        if self.cached_bytes + data.nbytes <= self.cache_budget:
             self.cache[index] = data
+            self.cached_bytes += data.nbytes
         return data
 
-    def preload(self, cache_bytes: int) -> None:
-        """Decode files into the cache until the budget is used (call before workers fork)."""
+    def preload(self) -> None:
+        """Decode files into the cache until one does not fit (call before workers fork, so they
+        share the decoded audio copy-on-write; decoding further files would only be thrown away)."""
         for i in range(len(self.files)):
-            if sum(a.nbytes for a in self.cache.values()) >= cache_bytes:
+            self.load(i)
+            if i not in self.cache:
                 break
-            self.load(i, cache_bytes)
 
 
 class CropDataset(IterableDataset):
@@ -114,12 +118,12 @@ class CropDataset(IterableDataset):
             replays the same stream.
         gain_db: random gain range in dB applied after peak-normalising each crop.
         silence_db: crops whose RMS is below this (dBFS) are skipped.
-        cache_bytes: decoded-audio cache budget per process.
+
+    The decoded-audio cache belongs to the sources (:func:`build_sources` sets its budget).
     """
 
     def __init__(self, sources: Sequence[AudioSource], audio_channels: int, crop: int, seed: int = 0,
-                 gain_db: Tuple[float, float] = (-12.0, 0.0), silence_db: float = -60.0,
-                 cache_bytes: int = 2 << 30) -> None:
+                 gain_db: Tuple[float, float] = (-12.0, 0.0), silence_db: float = -60.0) -> None:
         super().__init__()
         if not sources:
             raise ValueError("need at least one data source")
@@ -129,7 +133,6 @@ class CropDataset(IterableDataset):
         self.seed = seed
         self.gain_db = gain_db
         self.silence = 10 ** (silence_db / 20)
-        self.cache_bytes = cache_bytes
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.source_probs = weights / weights.sum()
         # Files are drawn in proportion to their length, so every second of audio is equally likely.
@@ -150,7 +153,7 @@ class CropDataset(IterableDataset):
             source = self.sources[s]
             f = int(rng.choice(len(source.files), p=self.file_probs[s]))
             try:
-                data = source.load(f, self.cache_bytes)
+                data = source.load(f)
             except ValueError:
                 continue
             n = data.shape[-1]
@@ -190,9 +193,11 @@ def build_sources(specs: Sequence[str], sample_rate: int = 44100, preload_bytes:
     sources = []
     for spec in specs:
         folder, weight = parse_data_spec(spec)
-        source = AudioSource(folder, weight, sample_rate)
+        # The budget is split between sources and fixed here: workers (forked later) can then add
+        # at most what is left of their source's share, never a whole budget each.
+        source = AudioSource(folder, weight, sample_rate, cache_budget=preload_bytes // max(len(specs), 1))
         if preload_bytes > 0:
-            source.preload(preload_bytes // max(len(specs), 1))
+            source.preload()
         sources.append(source)
     return sources
 

@@ -72,7 +72,7 @@ def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
                      generator: torch.Generator | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+                     autocast_dtype: torch.dtype | None = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One consistency-training loss evaluation.
 
     Args:
@@ -85,7 +85,7 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
         autocast_dtype: e.g. torch.bfloat16 to run the network under autocast.
 
     Returns:
-        (scalar loss with grad, {"sigma_mean": ..., "delta_sigma_mean": ...}).
+        (scalar loss with grad, {"sigma_mean": ..., "delta_sigma_mean": ...} as 0-d tensors).
     """
     cfg = model.config
     device = wav.device
@@ -115,5 +115,6 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
     weight = 1.0 / (sig_hi - sig_lo).clamp_min(1e-8)
     loss = (dist * weight).mean()
-    stats = {"sigma_mean": float(sig_hi.mean()), "delta_sigma_mean": float((sig_hi - sig_lo).mean())}
+    # Tensors, not floats: the trainer reads all its numbers in one host sync per step.
+    stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean()}
     return loss, stats

@@ -68,7 +68,8 @@ def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
     tensors.update(optim_tensors)
     tensors["rng/generator"] = trainer.generator.get_state()
     info = {"step": trainer.step, "skipped": trainer.skipped, "samples_seen": trainer.samples_seen,
-            "best_metric": trainer.best_metric, "optimizer": optim_meta}
+            "best_metric": trainer.best_metric, "optimizer": optim_meta,
+            "rng_device": trainer.generator.device.type}
     metadata = {"format": "pt", "music2latent2_train_state": STATE_FORMAT, "info": json.dumps(info),
                 "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json()}
     return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -99,8 +100,15 @@ def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)
     trainer.optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
-    trainer.generator.set_state(tensors["rng/generator"])
     trainer.step = int(info["step"])
+    if info.get("rng_device", "cpu") == trainer.generator.device.type:
+        trainer.generator.set_state(tensors["rng/generator"])
+    else:
+        # A CUDA generator's state cannot be loaded into a CPU one (or back): e.g. exporting a
+        # GPU run on a CPU machine. Noise continues from a fresh seed fixed by (seed, step).
+        trainer.generator.manual_seed(trainer.config.seed + 1 + trainer.step)
+        print(f"note: {p} holds a {info.get('rng_device')} noise generator; training noise on "
+              f"{trainer.generator.device.type} is reseeded from (seed, step)", flush=True)
     trainer.skipped = int(info["skipped"])
     trainer.samples_seen = int(info["samples_seen"])
     trainer.best_metric = info["best_metric"]

@@ -157,26 +157,28 @@ class Trainer:
         wav = wav.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = consistency_loss(self.model, wav, delta, self.sampler, self.generator, self.autocast_dtype)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norms = torch._foreach_norm(grads)
-            grad_norm = torch.linalg.vector_norm(torch.stack(norms))
-            finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        # backward() is harmless on a non-finite loss (the step is skipped and its grads dropped);
+        # running it unconditionally leaves one host sync per step: the read-back below.
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        names = ["loss", "grad_norm", "finite", *stats]
+        values = torch.stack([loss.detach().float(), grad_norm.float(), finite.float(),
+                              *(v.detach().float() for v in stats.values())]).tolist()
+        out = dict(zip(names, values))
+        ok = bool(out.pop("finite"))
+        if ok:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
+            del out["grad_norm"]
         self.step += 1
-        if finite:
+        if ok:
             self.update_ema()
         self.samples_seen += wav.shape[0]
-        out = {"loss": float(loss.detach()), "lr": lr, "delta": delta, "skipped": float(not finite)}
-        if finite:
-            out["grad_norm"] = float(grad_norm)
-        out.update(stats)
+        out.update(lr=lr, delta=delta, skipped=float(not ok))
         return out
 
     # ----------------------------------------------------------------- loop
