@@ -305,12 +305,17 @@ class EncoderDecoder:
         cs = cfg.chunk_samples
         span = cs + cfg.n_fft - cfg.hop_length
         out = torch.zeros(sequences, cfg.audio_channels, chunks * cs + cfg.n_fft - cfg.hop_length, device=self.device)
-        with torch.autocast(device_type=self.device.type, enabled=False):
+        no_autocast = torch.autocast(device_type=self.device.type, enabled=False)
+        with no_autocast:
             env = spectral.window_envelope(2 * cfg.chunk_frames, self.device).clamp_min(1e-3)  # (2cs + n_fft - hop,)
-            for t, spec in stream:
+        # The sampler is a generator: its model calls run while this loop pulls the next chunk,
+        # so the loop itself stays under the caller's autocast and only the overlap-add opts out.
+        for t, spec in stream:
+            with no_autocast:
                 start = t * cs
                 out[..., start:start + span] += spectral.overlap_add_frames(spectral.frames(spec.float()))
                 out[..., start:start + cs] /= env[:cs] if t == 0 else env[cs:2 * cs]
+        with no_autocast:
             out[..., chunks * cs:] /= env[2 * cs:]
         return out
 

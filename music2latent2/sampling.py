@@ -51,6 +51,10 @@ def map_batches(fn: Callable[..., Out], max_batch_size: Optional[int], *args: to
         if pad and rows < max_batch_size:
             # Repeat a real row rather than zeros so padded rows stay finite (sigma=0 is not valid).
             chunk = [torch.cat([c, c[-1:].expand(max_batch_size - rows, *c.shape[1:])]) for c in chunk]
+        elif pad:
+            # Full slices can be strided views whose strides depend on the audio length; compiled
+            # code guards on strides, so hand it contiguous tensors or it recompiles per length.
+            chunk = [c.contiguous() for c in chunk]
         out = fn(*chunk)
         if rows < max_batch_size and pad:
             out = out[:rows] if isinstance(out, torch.Tensor) else [o[:rows] for o in out]
@@ -162,9 +166,10 @@ def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float
     Chunks are processed in groups of ``max(1, max_batch_size // S)`` time steps, so memory is
     bounded by the batch size, not the audio length. Noise is drawn per chunk in time order
     (``eps'_t``, ``eps_t``, then pass-1 noise), so the output does not depend on
-    ``max_batch_size``, and with one or two chunks it equals :func:`iter_autoregressive`'s for
-    the same generator state (chunk 0 then differs only by autoregressive mode's sigma_cond
-    refinement of it when there are two).
+    ``max_batch_size``, and with ``denoising_steps=1`` and one or two chunks it equals
+    :func:`iter_autoregressive`'s for the same generator state (chunk 0 then differs only by
+    autoregressive mode's sigma_cond refinement of it when there are two). With more steps the
+    extra noise is drawn in another order and chunk 0 keeps its single step, so they differ.
 
     Args:
         model: the network.

@@ -320,14 +320,26 @@ def test_attention_split_equals_masked_attention() -> None:
 
 
 # --------------------------------------------------------------------------- precision
-def test_bfloat16_autocast_runs_on_cpu(tiny_model: Music2Latent2) -> None:
+def test_bfloat16_autocast_runs_on_cpu(tiny_model: Music2Latent2, monkeypatch) -> None:
     encdec = EncoderDecoder(tiny_model, device="cpu", precision="bfloat16")
-    x = _audio(CHUNK)
-    z = encdec.encode(x)
+    x = _audio(2 * CHUNK)
     ref = EncoderDecoder(tiny_model, device="cpu").encode(x)
+    seen = []
+    for name in ("encode_chunks", "decoder_features", "denoise"):
+        real = getattr(tiny_model, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tiny_model, name, spy)
+    z = encdec.encode(x)
     assert z.dtype == np.float32 and np.abs(z - ref).max() < 0.1
     y = encdec.decode(z, seed=0, length=CHUNK)
-    assert y.shape == (1, CHUNK) and np.isfinite(y).all()
+    assert y.shape == (1, CHUNK) and np.isfinite(y).all() and y.dtype == np.float32
+    # Every network call, encode and decode alike, ran under bfloat16 autocast.
+    assert {name for name, _, _ in seen} == {"encode_chunks", "decoder_features", "denoise"}
+    assert all(enabled and dtype == torch.bfloat16 for _, enabled, dtype in seen), seen
 
 
 # --------------------------------------------------------------------------- bad input

@@ -4,6 +4,9 @@ compile option is wired (its padding path is exercised without paying for torch.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +75,33 @@ def test_compile_flag_turns_on_static_shapes(model: Music2Latent2, monkeypatch: 
     assert all(kw == {"dynamic": False} for _, kw in compiled)
     assert "compile=True" in repr(codec)
     assert not EncoderDecoder(model, device="cpu").static_shapes
+
+
+def test_compiled_decode_does_not_recompile_for_new_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real torch.compile, with a backend that only counts graphs (no inductor, so it is quick):
+    # static batch padding must give every audio length the same shapes and strides.
+    from conftest import make_tiny
+
+    graphs = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real_compile(self, backend=counting_backend, **kw))
+    torch._dynamo.reset()
+    codec = EncoderDecoder(make_tiny(), device="cpu", compile=True, max_batch_size=2)
+    cfg = codec.config
+    rng = torch.Generator().manual_seed(0)
+    z2 = torch.rand(2, cfg.latent_dim, 2 * cfg.summary_tokens, generator=rng) * 2 - 1  # S == max_batch_size
+    z3 = torch.rand(2, cfg.latent_dim, 3 * cfg.summary_tokens, generator=rng) * 2 - 1
+    y2 = codec.decode(z2, seed=0)
+    after_first = len(graphs)
+    assert after_first >= 3  # decoder features, one-chunk window, two-chunk window
+    codec.decode(z3, seed=0)
+    assert len(graphs) == after_first, "a new audio length recompiled the network"
+    torch._dynamo.reset()
+    plain = EncoderDecoder(make_tiny(), device="cpu", max_batch_size=2)
+    np.testing.assert_allclose(plain.decode(z2.numpy(), seed=0), y2.numpy(), atol=1e-5)
