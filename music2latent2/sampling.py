@@ -89,6 +89,17 @@ def _sigma_table(levels: Sequence[float], rows: int, device: torch.device) -> to
     return torch.tensor(list(levels), dtype=torch.float32, device=device).expand(rows, len(levels)).contiguous()
 
 
+def _decode_plan(model: Music2Latent2, latents: torch.Tensor,
+                 denoising_steps: int) -> Tuple[int, int, torch.device, Tuple[int, ...], List[float]]:
+    """What both samplers need up front: (S, T, device, noise shape (S, C, F, chunk_frames), and
+    the noise levels of each chunk's consistency steps: sigma_max, then lower Karras levels)."""
+    cfg = model.config
+    s_count, t_count = latents.shape[:2]
+    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
+    extra = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
+    return s_count, t_count, latents.device, shape, [cfg.sigma_max] + extra
+
+
 def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
                         denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
                         max_batch_size: Optional[int] = None, pad: bool = False,
@@ -113,13 +124,9 @@ def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond:
     Yields:
         (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
     """
-    cfg = model.config
-    s_count, t_count = latents.shape[:2]
-    device = latents.device
-    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
-    extra_sigmas = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
+    s_count, t_count, device, shape, levels = _decode_plan(model, latents, denoising_steps)
+    cfg, extra_sigmas = model.config, levels[1:]
 
-    levels = [cfg.sigma_max] + extra_sigmas
     # All noise levels as device tensors up front: the loop below never touches the host.
     single = [_sigma_table([level], s_count, device) for level in levels]
     pairs = [_sigma_table([sigma_cond, level], s_count, device) for level in levels]
@@ -183,12 +190,8 @@ def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float
     Yields:
         (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
     """
-    cfg = model.config
-    s_count, t_count = latents.shape[:2]
-    device = latents.device
-    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
-    extra_sigmas = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
-    levels = [cfg.sigma_max] + extra_sigmas
+    s_count, t_count, device, shape, levels = _decode_plan(model, latents, denoising_steps)
+    cfg, extra_sigmas = model.config, levels[1:]
     group = t_count if not max_batch_size else max(1, max_batch_size // s_count)
     single = _sigma_table([cfg.sigma_max], s_count * group, device)
     pairs = [_sigma_table([sigma_cond, level], s_count * group, device) for level in levels]
