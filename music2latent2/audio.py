@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import soundfile as sf
 import torch
 
-__all__ = ["AudioLike", "load_audio", "to_float_array", "resample", "check_finite"]
+__all__ = ["AudioLike", "AUDIO_EXTENSIONS", "find_audio_files", "load_audio", "to_float_array", "resample",
+           "check_finite"]
 
 AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+# File endings treated as audio when scanning folders (all formats libsndfile reads).
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
+                              ".snd", ".w64", ".caf", ".rf64"})
+
+
+def find_audio_files(path: Union[str, os.PathLike]) -> List[Path]:
+    """A file -> [it]; a folder -> its audio files, recursive and sorted. Hidden files and folders
+    (such as the temp files of an interrupted atomic write) are skipped."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ValueError(f"audio file or folder not found: {p}")
+    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
 
 
 def load_audio(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:

@@ -27,15 +27,13 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .audio import check_finite, load_audio, resample
+from .audio import AUDIO_EXTENSIONS, check_finite, load_audio, resample
 from .checkpoint import WEIGHTS_NAME, sha256_file
 from .fileio import atomic_write
 from .latents_io import LatentMetadata, load_latents, save_latents
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
-                              ".snd", ".w64", ".caf", ".rf64"})
 COMMANDS = {  # command -> (input extensions, output suffix or None for --format)
     "encode": (AUDIO_EXTENSIONS, ".m2l"),
     "decode": (frozenset({".m2l"}), None),

@@ -11,34 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .audio import load_audio, resample
+from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio, resample
 from .fileio import atomic_write
 from .inference import EncoderDecoder
 from .metrics import multires_logmel_distance, si_sdr
 
 __all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "evaluate_files", "main"]
 
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
 METRICS = ("si_sdr", "logmel_distance", "visqol", "encode_rtf", "decode_rtf")
-
-
-def find_audio_files(folder: os.PathLike | str) -> List[Path]:
-    """Audio files under ``folder`` (recursive, sorted)."""
-    p = Path(folder)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise ValueError(f"data folder not found: {p}")
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
 
 
 class ViSQOL:

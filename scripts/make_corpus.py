@@ -32,9 +32,14 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
+import torch
+
+# Runnable from a checkout that is not installed (e.g. copied to a GPU machine).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from music2latent2.audio import find_audio_files, load_audio, resample  # noqa: E402
+from music2latent2.fileio import atomic_write  # noqa: E402
 
 SR = 44100
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 # General MIDI programs grouped so a random pick stays plausible for melodic lines.
 GM_MELODIC = (list(range(0, 8)) + list(range(16, 24)) + list(range(24, 32)) + list(range(40, 48))
               + list(range(48, 56)) + list(range(56, 64)) + list(range(64, 80)) + list(range(80, 88)))
@@ -241,12 +246,10 @@ def _speech_task(task: Tuple[str, int]) -> Tuple[str, float]:
         if subprocess.run(cmd, capture_output=True).returncode != 0 or not wav.is_file():
             return "", 0.0
         data, sr = sf.read(str(wav), dtype="float32")
-    import soxr
-
-    data = soxr.resample(data, sr, SR).astype(np.float32)
+    data = resample(torch.from_numpy(data), sr, SR).numpy()
     data *= 10 ** (rng.uniform(-12, -1) / 20) / max(float(np.abs(data).max()), 1e-6)
     dst = Path(out_dir) / f"espeak_{seed}.flac"
-    sf.write(str(dst), data, SR, format="FLAC", subtype="PCM_16")
+    atomic_write(dst, lambda tmp: sf.write(tmp, data, SR, format="FLAC", subtype="PCM_16"))
     return str(dst), data.shape[0] / SR
 
 
@@ -271,30 +274,29 @@ def render_speech(out_dir: Path, minutes: float, jobs: int, seed: int) -> float:
 
 # ----------------------------------------------------------------------------- real audio
 def copy_real(src: Path, out_dir: Path) -> float:
-    """Copy audio under ``src`` as 44.1 kHz FLAC (keeping folders and licence files). Returns seconds."""
-    import soxr
+    """Copy audio under ``src`` as 44.1 kHz FLAC (keeping folders and licence files). Returns seconds.
 
+    Each file is written atomically, so an interrupted copy never leaves a truncated FLAC that
+    the training loader would accept (its header reads fine).
+    """
     if not src.is_dir():
         raise SystemExit(f"--real: folder not found: {src}")
-    total = 0.0
     for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
         if path.is_file() and path.suffix.lower() in (".txt", ".md"):
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, out_dir / rel)
-        if not path.is_file() or path.suffix.lower() not in AUDIO_EXTENSIONS:
-            continue
+            rel = path.relative_to(src)
+            atomic_write(out_dir / rel, lambda tmp, path=path: shutil.copyfile(path, tmp))
+    total = 0.0
+    for path in find_audio_files(src):
         try:
-            data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        except Exception as err:
+            data, sr = load_audio(path)
+        except ValueError as err:
             print(f"skip {path}: {err}", file=sys.stderr)
             continue
-        if sr != SR:
-            data = soxr.resample(data, sr, SR).astype(np.float32)
-        dst = (out_dir / rel).with_suffix(".flac")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(dst), np.clip(data, -1, 1), SR, format="FLAC", subtype="PCM_16")
-        total += data.shape[0] / SR
+        data = resample(torch.from_numpy(data), sr, SR).numpy()
+        dst = (out_dir / path.relative_to(src)).with_suffix(".flac")
+        clipped = np.clip(data.T, -1, 1)
+        atomic_write(dst, lambda tmp, clipped=clipped: sf.write(tmp, clipped, SR, format="FLAC", subtype="PCM_16"))
+        total += data.shape[-1] / SR
     return total
 
 

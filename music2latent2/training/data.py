@@ -9,22 +9,20 @@ in memory up to a byte budget; preloading before the DataLoader forks shares it 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..audio import load_audio, resample
+from ..audio import find_audio_files, load_audio, resample
 
-__all__ = ["AUDIO_EXTENSIONS", "crop_samples", "parse_data_spec", "list_audio_files", "AudioSource",
+__all__ = ["crop_samples", "parse_data_spec", "AudioSource",
            "CropDataset", "make_loader", "build_sources", "describe_sources", "worker_seed"]
 
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
 
 
 def crop_samples(chunk_samples: int = 32768, n_fft: int = 2048, hop_length: int = 512) -> int:
@@ -50,11 +48,6 @@ def parse_data_spec(spec: str) -> Tuple[Path, float]:
     return p, weight
 
 
-def list_audio_files(folder: Union[str, os.PathLike]) -> List[Path]:
-    """Audio files under ``folder`` (recursive, sorted, by extension)."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-
-
 @dataclass
 class AudioSource:
     """One data folder: its files, their lengths at the model rate, and a decoded-audio cache."""
@@ -70,7 +63,7 @@ class AudioSource:
 
     def __post_init__(self) -> None:
         if not self.files:
-            for path in list_audio_files(self.folder):
+            for path in find_audio_files(self.folder):
                 try:
                     info = sf.info(str(path))
                 except Exception:  # unreadable file: leave it out rather than fail mid-training
