@@ -62,7 +62,8 @@ def test_two_chunks_second_chunk_equals_autoregressive(codec: EncoderDecoder, la
     # Two chunks: the second chunk's window [e_0 + sigma_cond eps, sigma_max eps'] is the same in
     # both modes; only chunk 0 differs (autoregressive mode refines it once more at sigma_cond).
     model = codec.model
-    seq = latents[..., :16].reshape(1, 64, 2, 8).permute(0, 2, 3, 1).contiguous()  # (S=1, T=2, K, d)
+    # Distinct random latents per chunk, so mixing up the two chunks' features would show.
+    seq = torch.rand(1, 2, 8, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1  # (S=1, T=2, K, d)
     with torch.inference_mode():
         ar = dict(iter_autoregressive(model, seq, generator=torch.Generator().manual_seed(7)))
         par = dict(iter_parallel(model, seq, generator=torch.Generator().manual_seed(7)))
@@ -77,7 +78,9 @@ def test_unknown_mode_is_rejected(codec: EncoderDecoder, latents: torch.Tensor) 
 
 class _Stub(nn.Module):
     """A fake network with a known output: chunk t's first-pass estimate is the constant id_t
-    (read from its latents); a two-chunk window returns id_t + 10 * (mean of the context chunk)."""
+    (read from its latents); a two-chunk window returns id_t + 10 * (mean of the context chunk)
+    + 100 * (id carried by the context's decoder features), so the context's audio AND its
+    features must both come from chunk t - 1."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,7 +96,7 @@ class _Stub(nn.Module):
         if w == 1:
             return ids.clone()
         out = ids.clone()
-        out[:, 1] = ids[:, 1] + 10 * x[:, 0].mean(dim=(-3, -2, -1), keepdim=True)
+        out[:, 1] = ids[:, 1] + 10 * x[:, 0].mean(dim=(-3, -2, -1), keepdim=True) + 100 * ids[:, 0]
         return out
 
 
@@ -108,5 +111,5 @@ def test_parallel_wiring_with_known_model(max_batch_size: int) -> None:
     assert [t for t, _ in chunks] == list(range(t_count))
     for t, chunk in chunks:
         assert chunk.shape == (s_count, 2, 16, 8)
-        expected = ids[:, t] + (10 * ids[:, t - 1] if t > 0 else 0)
+        expected = ids[:, t] + (110 * ids[:, t - 1] if t > 0 else 0)
         torch.testing.assert_close(chunk.mean(dim=(1, 2, 3)), expected)
