@@ -267,8 +267,12 @@ def run(args: argparse.Namespace) -> Tuple[List[Row], Dict[str, Dict[str, float]
             runner = (V1(device, args.max_batch_size, args.v1_segment_seconds) if name == "v1"
                       else Ours(name, device, args.max_batch_size, args.compile))
             flops[f"{dev_name}/{runner.name}"] = f = runner.flops_per_second()
-            warm = torch.randn(1, SR) * 0.1  # first calls allocate/compile: keep them out of timings
-            runner.decode(runner.encode(warm), SR)
+            # First calls allocate, pick kernels or compile: keep them out of the timings, in every
+            # decode mode that will be timed (2 s = 3 chunks, so parallel mode runs both passes).
+            warm = torch.randn(1, 2 * SR) * 0.1
+            warm_z = runner.encode(warm)
+            for mode in ["autoregressive"] + (["parallel"] if name != "v1" and "parallel" in args.modes else []):
+                runner.decode(warm_z, 2 * SR, mode)
             for case, count, seconds in cases:
                 if count < 1 or seconds <= 0:
                     continue
@@ -389,8 +393,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "", table, ""]
                      + ([] if peaks else ["CUDA was not available on this machine: no GPU numbers (and no fraction "
                                           "of the bf16 matmul peak) were measured in this run.", ""])
-                     + ["Timings are single runs after one warm-up call; on a machine shared with other jobs they "
-                        "are noisy (seen here: up to ~2x between runs).", ""]
+                     + ["Timings are single runs after one warm-up call per decode mode; on a machine shared "
+                        "with other jobs they are noisy (seen here: up to ~2x between runs).", ""]
                      + ([] if args.default_malloc or not sys.platform.startswith("linux") else
                         ["CPU timings were taken with MALLOC_MMAP_THRESHOLD_ fixed (needed for the RSS peaks), which "
                          "slows CPU inference for every model alike (small preset, 8 s decode: 6.3 s without, 10.3 s "
