@@ -72,8 +72,9 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None = None,
-                  visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0) -> Dict[str, Any]:
-    """Reconstruct one file and measure it.
+                  visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
+                  mode: str = "autoregressive") -> Dict[str, Any]:
+    """Reconstruct one file and measure it (``mode``: the decoder's, autoregressive or parallel).
 
     Returns:
         {"file", "seconds", "channels", "si_sdr", "logmel_distance", "visqol", "visqol_error",
@@ -92,7 +93,7 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
     z = encdec.encode(data, sr=sr_model)
     _sync(device)
     t1 = time.perf_counter()
-    rec = encdec.decode(z, length=data.shape[-1], denoising_steps=denoising_steps, seed=seed)
+    rec = encdec.decode(z, length=data.shape[-1], denoising_steps=denoising_steps, seed=seed, mode=mode)
     _sync(device)
     t2 = time.perf_counter()
     rec = np.asarray(rec, dtype=np.float32)
@@ -116,13 +117,13 @@ def _mean(rows: Sequence[Dict[str, Any]], key: str) -> float | None:
 
 def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: float | None = None,
                    visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
-                   verbose: bool = False) -> Dict[str, Any]:
+                   verbose: bool = False, mode: str = "autoregressive") -> Dict[str, Any]:
     """Evaluate several files. Returns {"files": [per-file dicts], "mean": {metric: value|None}}."""
     if not files:
         raise ValueError("no audio files to evaluate")
     rows = []
     for path in files:
-        row = evaluate_file(encdec, path, max_seconds, visqol, denoising_steps, seed)
+        row = evaluate_file(encdec, path, max_seconds, visqol, denoising_steps, seed, mode)
         rows.append(row)
         if verbose:
             print(f"{Path(path).name}: " + ", ".join(_fmt(k, row[k]) for k in METRICS), flush=True)
@@ -165,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--denoising-steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", default="autoregressive", choices=["autoregressive", "parallel"],
+                        help="decoding mode")
     parser.add_argument("--no-visqol", action="store_true", help="skip ViSQOL (it is slow on CPU)")
     args = parser.parse_args(argv)
     if args.max_seconds is not None and not args.max_seconds > 0:
@@ -176,8 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     visqol = ViSQOL(enabled=not args.no_visqol)
     if not visqol.available:
         print(f"ViSQOL: null ({visqol.reason})", file=sys.stderr)
-    report = evaluate_files(encdec, files, args.max_seconds, visqol, args.denoising_steps, args.seed, verbose=True)
+    report = evaluate_files(encdec, files, args.max_seconds, visqol, args.denoising_steps, args.seed, verbose=True,
+                            mode=args.mode)
     report["model"] = str(args.model)
+    report["mode"] = args.mode
     report["visqol_note"] = visqol.reason
     table = markdown_table(report)
     print(table)

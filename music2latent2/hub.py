@@ -5,10 +5,12 @@ A model argument is resolved in this order:
 1. a :class:`Music2Latent2` module is returned as it is;
 2. an existing local file or directory is loaded with :func:`~music2latent2.checkpoint.load_checkpoint`;
 3. otherwise it is a manifest name (``None`` = the manifest's default). Its file is taken from the
-   Hugging Face cache or downloaded with ``hf_hub_download`` at the pinned commit (HF_HOME,
-   HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are read at call time), then from a checkpoint
-   bundled in the package where the entry names one, and failing both a
-   :class:`WeightsNotAvailableError` lists what was tried and how to fix it.
+   checkpoint bundled in the package where the entry names one (same sha256, so the same bytes as
+   the Hub's, and no network), else from the Hugging Face cache or downloaded with
+   ``hf_hub_download`` at the pinned commit (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT
+   are read at call time), and failing both a :class:`WeightsNotAvailableError` lists what was
+   tried and how to fix it. An entry may be bundled only (not on the Hub yet): its ``repo_id`` and
+   ``revision`` are then null.
 
 Every manifest checkpoint's sha256 is checked before it is parsed; a downloaded file that fails the
 check is deleted from the cache so the next load fetches it again.
@@ -55,8 +57,9 @@ class ManifestEntry:
 
     Attributes:
         name: the key users pass (``EncoderDecoder("name")``).
-        repo_id: Hugging Face model repo holding the file.
-        revision: the 40-hex commit the file is pinned to (branch names are not accepted).
+        repo_id: Hugging Face model repo holding the file (None: bundled only, not on the Hub).
+        revision: the 40-hex commit the file is pinned to (branch names are not accepted; None
+            exactly when ``repo_id`` is None).
         filename: path of the checkpoint inside the repo.
         sha256: hex sha256 of the file, checked before every load.
         size: file size in bytes.
@@ -69,8 +72,8 @@ class ManifestEntry:
     """
 
     name: str
-    repo_id: str
-    revision: str
+    repo_id: str | None
+    revision: str | None
     filename: str
     sha256: str
     size: int
@@ -128,6 +131,12 @@ def _field(data: Dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _optional(data: Dict[str, Any], key: str, where: str) -> str | None:
+    if key not in data:
+        raise ValueError(f"{where}: missing field {key!r}")
+    return None if data[key] is None else _field(data, key, str, where)
+
+
 def _parse_entry(name: str, data: Any, source: str) -> ManifestEntry:
     where = f"weights manifest {source}, model {name!r}"
     if not isinstance(data, dict):
@@ -137,14 +146,18 @@ def _parse_entry(name: str, data: Any, source: str) -> ManifestEntry:
     if unknown:
         raise ValueError(f"{where}: unknown fields {unknown}")
     entry = ManifestEntry(
-        name=name, repo_id=_field(data, "repo_id", str, where), revision=_field(data, "revision", str, where),
+        name=name, repo_id=_optional(data, "repo_id", where), revision=_optional(data, "revision", where),
         filename=_field(data, "filename", str, where), sha256=_field(data, "sha256", str, where),
         size=_field(data, "size", int, where), config=_field(data, "config", str, where),
         sample_rate=_field(data, "sample_rate", int, where), channels=_field(data, "channels", int, where),
         license=_field(data, "license", str, where), description=_field(data, "description", str, where),
         bundled=_field(data, "bundled", str, where) if "bundled" in data else None)
+    if (entry.repo_id is None) != (entry.revision is None):
+        raise ValueError(f"{where}: repo_id and revision must both be set (on the Hub) or both be null (bundled only)")
+    if entry.repo_id is None and entry.bundled is None:
+        raise ValueError(f"{where}: an entry that is not on the Hub (repo_id null) must be bundled")
     # A branch name would make the download move under the user's feet: pin commits only.
-    if not _COMMIT.fullmatch(entry.revision):
+    if entry.revision is not None and not _COMMIT.fullmatch(entry.revision):
         raise ValueError(f"{where}: revision must be a 40-character lower-case hex commit sha, got {entry.revision!r}")
     if not _SHA256.fullmatch(entry.sha256):
         raise ValueError(f"{where}: sha256 must be 64 lower-case hex characters, got {entry.sha256!r}")
@@ -254,6 +267,9 @@ def _from_hub(entry: ManifestEntry, attempts: List[str]) -> Path | None:
 
     from . import __version__
 
+    if entry.repo_id is None or entry.revision is None:
+        attempts.append("Hugging Face Hub: this entry is not published there (bundled only)")
+        return None
     cache, offline, endpoint = hf_cache_dir(), _hf_offline(), _hf_endpoint()
     where = (f"Hugging Face Hub {entry.url(endpoint)} (cache {cache}"
              f"{'; offline: HF_HUB_OFFLINE is set, cache only' if offline else ''})")
@@ -327,11 +343,13 @@ def resolve_checkpoint(name: str | None = None,
                          f"{man.path} (known models: {known})")
     entry = man.models[name]
     attempts: List[str] = []
-    path = _from_hub(entry, attempts) or _from_bundle(entry, man, attempts)
+    path = _from_bundle(entry, man, attempts) or _from_hub(entry, attempts)
     if path is not None:
         return path
     tried = "\n".join(f"  - {a}" for a in attempts)
-    if any(f": {kind}: " in attempts[0] for kind in _HUB_ANSWERED_NOT_FOUND):
+    if entry.repo_id is None:
+        fix = "reinstall music2latent2 (this model ships inside the package) or pass a local checkpoint path"
+    elif any(f": {kind}: " in attempts[-1] for kind in _HUB_ANSWERED_NOT_FOUND):
         fix = ("the Hub answered but has no such file at the pinned revision: upgrade music2latent2 (its manifest "
                "may have moved on) or pass a local checkpoint path, e.g. EncoderDecoder('/path/to/model.safetensors')")
     else:

@@ -10,7 +10,9 @@ package) are rewritten atomically and stay byte-identical.
         --repo-id ORG/music2latent2-small --description "..." --default
 
 With ``--no-upload --revision SHA`` nothing is uploaded: the entry is written for a file already
-pushed in commit SHA (also how the manifest-writing part is tested offline).
+pushed in commit SHA (also how the manifest-writing part is tested offline). With ``--bundle-only``
+the checkpoint ships inside the package and is not on the Hub (yet): its entry has null
+``repo_id`` and ``revision``, and loading it never touches the network.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="model.safetensors file (or a directory holding one)")
     p.add_argument("--name", required=True, help="manifest name users pass, e.g. m2l2-small")
-    p.add_argument("--repo-id", required=True, help="Hugging Face model repo, ORG/NAME")
+    p.add_argument("--repo-id", default=None, help="Hugging Face model repo, ORG/NAME (not with --bundle-only)")
     p.add_argument("--filename", default="model.safetensors", help="path of the file in the repo")
     p.add_argument("--description", required=True, help="one-line description")
     p.add_argument("--license", default="MIT", help="licence of the weights (default MIT)")
@@ -102,12 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--no-upload", action="store_true", help="do not upload; --revision names the commit holding it")
     p.add_argument("--revision", default=None, help="with --no-upload: the 40-hex commit sha that holds the file")
+    p.add_argument("--bundle-only", action="store_true",
+                   help="ship the file in the package only (implies --bundle; no Hub repo, nothing uploaded)")
     return p
 
 
 def main(argv: List[str] | None = None, api: Any = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+    if args.bundle_only:
+        if args.repo_id or args.revision or args.no_upload:
+            raise SystemExit("error: --bundle-only takes no --repo-id, --revision or --no-upload")
+        args.bundle = True
+    elif not args.repo_id:
+        raise SystemExit("error: --repo-id is required (or --bundle-only)")
     if args.no_upload and not args.revision:
         raise SystemExit("error: --no-upload needs --revision (the commit sha that holds the file)")
     if args.revision and not args.no_upload:
@@ -120,7 +130,9 @@ def main(argv: List[str] | None = None, api: Any = None) -> int:
     sha, size = sha256_file(checkpoint), checkpoint.stat().st_size
     paths = args.manifest or [TOP_MANIFEST, PACKAGE_MANIFEST]
     bundled = f"{args.name}.safetensors" if args.bundle else None
-    if args.no_upload:
+    if args.bundle_only:
+        revision = None
+    elif args.no_upload:
         revision = args.revision
     else:
         revision = upload(checkpoint, args.repo_id, args.filename, args.token, args.endpoint, args.private,

@@ -22,7 +22,13 @@ import torch
 
 from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2
 from music2latent2.checkpoint import ChecksumMismatchError
-from music2latent2.hub import MANIFEST_ENV, WeightsNotAvailableError, load_model, resolve_checkpoint
+from music2latent2.hub import (
+    MANIFEST_ENV,
+    WeightsNotAvailableError,
+    load_manifest,
+    load_model,
+    resolve_checkpoint,
+)
 
 REPO = "test-org/m2l2-tiny"
 COMMIT = hashlib.sha1(b"m2l2 test commit").hexdigest()
@@ -277,8 +283,27 @@ def test_bundled_checkpoint_is_used_offline_and_verified(hub, tiny_checkpoint, t
     assert bundled.exists()  # installed files are reported, never deleted
 
 
-def test_packaged_manifest_has_no_weights_yet(monkeypatch) -> None:
+def test_packaged_default_is_bundled_and_loads_without_network(monkeypatch) -> None:
+    # The shipped default model comes from inside the package: no Hub call, sha256 checked.
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the packaged default must not need the network")
+
     monkeypatch.delenv(MANIFEST_ENV, raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    manifest = load_manifest()
+    entry = manifest.models[manifest.default]
+    assert entry.bundled and (manifest.bundled_dir / entry.bundled).is_file()
+    encdec = EncoderDecoder(device="cpu")
+    assert encdec.config.latent_scale != 1.0  # a trained, exported model (measured latent scale)
+    assert Music2Latent2.from_pretrained().num_parameters() == encdec.model.num_parameters()
+
+
+def test_empty_manifest_says_no_weights_are_released(tmp_path, monkeypatch) -> None:
+    empty = tmp_path / "weights_manifest.json"
+    empty.write_text(json.dumps({"manifest_version": 1, "default": None, "models": {}}))
+    monkeypatch.setenv(MANIFEST_ENV, str(empty))
     with pytest.raises(WeightsNotAvailableError, match="no pretrained Music2Latent2 weights have been released yet"):
         EncoderDecoder(device="cpu")
     with pytest.raises(WeightsNotAvailableError, match="released yet"):

@@ -34,9 +34,14 @@ def entry(**changes: Any) -> Dict[str, Any]:
 def test_top_level_and_packaged_manifests_are_identical() -> None:
     assert (ROOT / "weights_manifest.json").read_bytes() == PACKAGE_MANIFEST.read_bytes()
     manifest = load_manifest(PACKAGE_MANIFEST)
-    # No weights are released yet: the default is unset and the list is empty, as the note says.
-    assert manifest.default is None and manifest.models == {} and "No pretrained weights" in manifest.note
-    assert available_models(PACKAGE_MANIFEST) == []
+    # The default is a released model whose file ships in the package, with a matching sha256,
+    # and the "nothing released" note is gone.
+    assert manifest.default in manifest.models and "No pretrained weights" not in manifest.note
+    assert available_models(PACKAGE_MANIFEST) == sorted(manifest.models)
+    entry = manifest.models[manifest.default]
+    bundled = manifest.bundled_dir / entry.bundled
+    assert bundled.stat().st_size == entry.size
+    assert hashlib.sha256(bundled.read_bytes()).hexdigest() == entry.sha256
 
 
 @pytest.mark.parametrize("change, message", [
@@ -141,6 +146,7 @@ def test_publish_upload_pins_the_returned_commit(checkpoint: Path, tmp_path: Pat
             return SimpleNamespace(oid="c" * 40)
 
     top, pkg = copy_manifests(tmp_path)
+    default_before = load_manifest(pkg).default
     rc = script.main([str(checkpoint), "--name", "tiny-up", "--repo-id", "org/up", "--description", "d",
                       "--license", "CC-BY-4.0", "--manifest", str(top), "--manifest", str(pkg)], api=FakeApi())
     assert rc == 0
@@ -148,7 +154,7 @@ def test_publish_upload_pins_the_returned_commit(checkpoint: Path, tmp_path: Pat
     assert calls[0][1]["repo_id"] == "org/up" and calls[0][1]["exist_ok"] is True
     assert calls[1][1]["path_in_repo"] == "model.safetensors" and calls[1][1]["path_or_fileobj"] == str(checkpoint)
     manifest = load_manifest(pkg)
-    assert manifest.default is None  # --default was not given
+    assert manifest.default == default_before  # --default was not given: unchanged
     assert manifest.models["tiny-up"].revision == "c" * 40 and manifest.models["tiny-up"].license == "CC-BY-4.0"
     assert top.read_bytes() == pkg.read_bytes()
     assert script.infer_preset(ModelConfig.from_preset("small", latent_scale=2.0)) == "small"
@@ -189,3 +195,39 @@ def test_cli_model_identity_uses_the_manifest_sha(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("MUSIC2LATENT2_MANIFEST", str(manifest))
     assert model_identity("m2l2-small") == ("m2l2-small", "c" * 64)
     assert model_identity(None) == ("default:m2l2-small", "c" * 64)
+
+
+def test_bundle_only_entry_loads_without_network(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    # Not on the Hub yet: repo_id and revision are null, the file ships in the package, and
+    # resolving it never calls the Hub (the download function would raise if it were called).
+    import huggingface_hub
+
+    from music2latent2.hub import WeightsNotAvailableError
+
+    publish_main = load_script().main
+    top, pkg = tmp_path / "top" / "weights_manifest.json", tmp_path / "pkg" / "weights_manifest.json"
+    for m in (top, pkg):
+        m.parent.mkdir(parents=True)
+        m.write_text(json.dumps({"manifest_version": 1, "default": None, "models": {}}))
+    assert publish_main([str(checkpoint), "--name", "only-here", "--description", "bundled", "--default",
+                         "--bundle-only", "--manifest", str(top), "--manifest", str(pkg)]) == 0
+    entry = json.loads(pkg.read_text())["models"]["only-here"]
+    assert entry["repo_id"] is None and entry["revision"] is None and entry["bundled"] == "only-here.safetensors"
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub must not be asked for a bundled checkpoint")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    model = load_model(None, manifest=pkg)
+    assert model.num_parameters() > 0
+    (pkg.parent / "weights" / "only-here.safetensors").unlink()
+    with pytest.raises(WeightsNotAvailableError, match="(?s)not published there.*reinstall"):
+        load_model(None, manifest=pkg)
+    with pytest.raises(SystemExit, match="bundle-only takes no"):
+        publish_main([str(checkpoint), "--name", "x", "--description", "d", "--bundle-only", "--repo-id", "a/b",
+                      "--manifest", str(top)])
+    with pytest.raises(ValueError, match="both be set"):
+        parse_manifest({"manifest_version": 1, "models": {"m": dict(entry, revision="0" * 40)}}, "t")
+    with pytest.raises(ValueError, match="must be bundled"):
+        parse_manifest({"manifest_version": 1, "models": {"m": {k: v for k, v in entry.items() if k != "bundled"}}},
+                       "t")

@@ -4,21 +4,27 @@
         --eval-data ../shared/data/eval --preset small --out runs/small --steps 100000
     python -m music2latent2.training train --out runs/small --resume          # continue
     python -m music2latent2.training export --state runs/small --data corpus/music --out ckpt/ --fp16
+    python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small.safetensors \
+        --start-step 12000 --max-minutes 20 --snapshot-minutes 4 --out runs/leg2   # a relay leg
+    python -m music2latent2.training join runs/leg2/snapshots --out model.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..checkpoint import load_checkpoint, sha256_file
 from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
 from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
 from .export import export_checkpoint, measure_latent_scale
+from .snapshot import join_snapshot, write_snapshot
 from .state import STATE_NAME, load_state, read_state_configs, save_state
 from .trainer import TrainConfig, Trainer
 
@@ -26,18 +32,23 @@ from .trainer import TrainConfig, Trainer
 def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, preload: bool = True) -> tuple:
     mc = trainer.model.config
     crop = crop_samples(mc.chunk_samples, mc.n_fft, mc.hop_length)
-    sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0)
+    sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0,
+                            threads=max(1, min(16, os.cpu_count() or 1)))
     print("data: " + describe_sources(sources), flush=True)
     dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step))
     workers = cfg.num_workers if num_workers is None else num_workers
     return make_loader(dataset, cfg.batch_size, workers, pin_memory=trainer.device.type == "cuda"), crop
 
 
+def _latent_scale(trainer: Trainer, loader) -> float:
+    batches = list(trainer.recent_batches) or iter(loader)
+    return measure_latent_scale(trainer.ema, batches, max_batches=8)
+
+
 def _export(trainer: Trainer, loader, path: Path, fp16: bool) -> Path:
     # During training, reuse recent batches: a second iter() on a DataLoader with persistent
     # workers would reset the running one.
-    batches = list(trainer.recent_batches) or iter(loader)
-    scale = measure_latent_scale(trainer.ema, batches, max_batches=8)
+    scale = _latent_scale(trainer, loader)
     return export_checkpoint(trainer.ema, path, latent_scale=scale, step=trainer.step,
                              dtype=torch.float16 if fp16 else None)
 
@@ -49,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, model_config = read_state_configs(out / STATE_NAME)
         if args.steps:
             cfg.total_steps = args.steps
+        if args.max_minutes:
+            cfg.max_minutes = args.max_minutes
         trainer = Trainer(cfg, device, model_config)
         load_state(trainer, out / STATE_NAME)
         print(f"resumed {out} at step {trainer.step}", flush=True)
@@ -58,14 +71,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (out / STATE_NAME).exists():
             raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
         overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+        init = None
+        if args.init_from:
+            init = load_checkpoint(args.init_from)  # strict; CheckpointError names what is wrong
+            if overrides:
+                raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
         cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
-                          out_dir=str(out), batch_size=args.batch_size, lr=args.lr, total_steps=args.steps or 1_000_000,
-                          warmup_steps=args.warmup, ema_momentum=args.ema, seed=args.seed,
+                          out_dir=str(out), batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
+                          total_steps=args.steps or 1_000_000, warmup_steps=args.warmup, ema_momentum=args.ema,
+                          delta_start=args.delta_start, delta_end=args.delta_end,
+                          sigma_log_mean=args.sigma_log_mean, sigma_log_std=args.sigma_log_std, seed=args.seed,
                           num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
                           eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
-                          eval_files=args.eval_files,
-                          precision=args.precision, compile=args.compile)
-        trainer = Trainer(cfg, device)
+                          eval_files=args.eval_files, precision=args.precision, compile=args.compile,
+                          start_step=args.start_step, max_minutes=args.max_minutes,
+                          calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
+                          snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
+                          latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit)
+        if init is not None:
+            cfg.init_from, cfg.init_sha256 = str(args.init_from), sha256_file(_weights_file(args.init_from))
+            trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0))
+            trainer.init_weights_from(init)
+            print(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}",
+                  flush=True)
+        else:
+            trainer = Trainer(cfg, device)
         out.mkdir(parents=True, exist_ok=True)
     print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {device}", flush=True)
     loader, crop = _loader(cfg, trainer)
@@ -90,9 +120,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"new best (log-mel {t.best_metric:.4f}) -> {out / 'best'}", flush=True)
             save_state(t, out / STATE_NAME)
 
-    trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl")
+    def on_snapshot(t: Trainer) -> None:
+        snap = write_snapshot(t.ema, out / "snapshots", t.step, _latent_scale(t, loader),
+                              piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20))
+        print(f"snapshot step {t.step} -> {snap}", flush=True)
+
+    trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl", on_snapshot=on_snapshot)
+    if cfg.snapshot_minutes is not None:
+        on_snapshot(trainer)  # the final weights, in pieces like the others
     path = _export(trainer, loader, out / "final", fp16=False)
     print(f"exported EMA weights to {path}", flush=True)
+    return 0
+
+
+def _weights_file(path: str) -> Path:
+    p = Path(path)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    path = join_snapshot(args.snapshot, args.out)
+    print(f"joined and verified {path} (sha256 {sha256_file(path)})")
     return 0
 
 
@@ -134,7 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--compile", action="store_true", help="torch.compile the three modules")
     t.add_argument("--device", default=None)
+    t.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
+    t.add_argument("--delta-start", type=float, default=0.1,
+                   help="consistency step at the start, index units (>= 1: start as a pure denoiser)")
+    t.add_argument("--delta-end", type=float, default=1e-3, help="consistency step at the end (bf16: keep >= 0.01)")
+    t.add_argument("--sigma-log-mean", type=float, default=-1.1, help="mean of log(sigma) of training noise")
+    t.add_argument("--sigma-log-std", type=float, default=2.0, help="std of log(sigma) of training noise")
+    t.add_argument("--init-from", default=None, help="start online and EMA weights from this checkpoint "
+                   "(fresh optimiser; use --start-step to continue the step count)")
+    t.add_argument("--start-step", type=int, default=0, help="step counter at the start; schedules run from it")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget: schedules end when it does (speed measured over the first steps)")
+    t.add_argument("--reserve-minutes", type=float, default=0.5,
+                   help="part of --max-minutes kept free at the end for the final export")
+    t.add_argument("--calibrate-steps", type=int, default=100, help="steps timed to lay out a --max-minutes budget")
+    t.add_argument("--snapshot-minutes", type=float, default=None,
+                   help="every M minutes write fp16 EMA weights in pieces to OUT/snapshots")
+    t.add_argument("--snapshot-piece-mib", type=float, default=15.0, help="largest snapshot piece (MiB)")
+    t.add_argument("--latent-penalty", type=float, default=0.0,
+                   help="weight of the penalty on encoder pre-tanh values beyond --pre-tanh-limit")
+    t.add_argument("--pre-tanh-limit", type=float, default=2.0)
     t.set_defaults(func=cmd_train)
+    j = sub.add_parser("join", help="join and verify a snapshot's pieces into one checkpoint")
+    j.add_argument("snapshot", help="a snapshot folder, or OUT/snapshots (its LATEST one)")
+    j.add_argument("--out", required=True, help="checkpoint to write (.safetensors or a folder)")
+    j.set_defaults(func=cmd_join)
     e = sub.add_parser("export", help="EMA weights of a training state -> inference checkpoint")
     e.add_argument("--state", required=True, help="run folder or state.safetensors")
     e.add_argument("--out", required=True, help="checkpoint directory or .safetensors path")

@@ -20,13 +20,21 @@ from ..model import Music2Latent2
 __all__ = ["consistency_step_delta", "NoiseIndexSampler", "pseudo_huber", "split_chunks", "consistency_loss"]
 
 
-def consistency_step_delta(step: int, total_steps: int, start: float = 0.1, end: float = 1e-3) -> float:
-    """Exponential consistency step schedule in index units: max(0.1^(1 + 2k/K), 1e-3).
+def consistency_step_delta(step: int, total_steps: int, start: float = 0.1, end: float = 1e-3,
+                           start_step: int = 0) -> float:
+    """Consistency step in index units, geometric from ``start`` to ``end`` over the run.
 
-    ``start`` and ``end`` generalise the 0.1 base and the 1e-3 floor (0.1 -> 0.001 over K steps).
+    ``delta(p) = start * (end / start) ** p`` with progress ``p`` = (step - start_step) /
+    (total_steps - start_step) clipped to [0, 1]. With the defaults this is the paper's (v1)
+    schedule ``max(0.1 ** (1 + 2k/K), 1e-3)``: 0.1 -> 0.01 -> 0.001.
+
+    ``start >= 1`` makes every teacher evaluate at sigma_min, where the consistency
+    parametrisation returns its input: the target is the clean chunk and the loss is a plain
+    denoising reconstruction (the first phase of Easy Consistency Tuning, see docs).
     """
-    k = min(max(step, 0), max(total_steps, 1))
-    return max(start ** (1.0 + 2.0 * k / max(total_steps, 1)), end)
+    span = max(total_steps - start_step, 1)
+    progress = min(max((step - start_step) / span, 0.0), 1.0)
+    return float(start * (end / start) ** progress)
 
 
 class NoiseIndexSampler:
@@ -71,8 +79,9 @@ def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 
 def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
-                     generator: torch.Generator | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+                     latent_penalty: float = 0.0, pre_tanh_limit: float = 2.0,
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One consistency-training loss evaluation.
 
     Args:
@@ -83,9 +92,15 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
         generator: generator for indices and noise, ideally on the model's device (its state is
             part of the training state).
         autocast_dtype: e.g. torch.bfloat16 to run the network under autocast.
+        latent_penalty: weight of ``mean(relu(|pre| - pre_tanh_limit) ** 2)`` on the encoder's
+            pre-tanh values: zero while they stay in range, a pull back once the tanh would
+            saturate (a saturated tanh passes no gradient and wastes the latent range).
+        pre_tanh_limit: where the penalty starts (tanh(2) = 0.96).
 
     Returns:
-        (scalar loss with grad, {"sigma_mean": ..., "delta_sigma_mean": ...} as 0-d tensors).
+        (scalar loss with grad, 0-d tensor stats: ``sigma_mean``, ``delta_sigma_mean``,
+        ``saturated`` (fraction of latents with |tanh| > 0.99), ``pre_tanh_std`` and
+        ``latent_penalty`` (the unweighted penalty)).
     """
     cfg = model.config
     device = wav.device
@@ -105,7 +120,9 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                               enabled=autocast_dtype is not None)
     with autocast:
-        latents, _ = model.encode_chunks(x.flatten(0, 1))  # (B*2, K, d): chunks independent
+        _, features = model.encode_chunks(x.flatten(0, 1))  # chunks independent
+        pre = model.encoder.latent_out(features).float()  # (B*2, K, d_lat) before the tanh
+        latents = torch.tanh(pre)
         cross: List[torch.Tensor] = model.decoder_features(latents)  # chunk-major, as denoise expects
         with torch.no_grad():
             target = model.denoise(x + sig_lo.view(view) * eps, sig_lo, [c.detach() for c in cross])
@@ -115,6 +132,12 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
     weight = 1.0 / (sig_hi - sig_lo).clamp_min(1e-8)
     loss = (dist * weight).mean()
+    penalty = torch.relu(pre.abs() - pre_tanh_limit).pow(2).mean()
+    if latent_penalty > 0:
+        loss = loss + latent_penalty * penalty
+    pre = pre.detach()
     # Tensors, not floats: the trainer reads all its numbers in one host sync per step.
-    stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean()}
+    stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean(),
+             "saturated": (latents.detach().abs() > 0.99).float().mean(), "pre_tanh_std": pre.std(),
+             "latent_penalty": penalty.detach()}
     return loss, stats

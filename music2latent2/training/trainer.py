@@ -25,8 +25,12 @@ __all__ = ["TrainConfig", "Trainer"]
 class TrainConfig:
     """Every training hyperparameter (stored as JSON in the training state).
 
-    Defaults follow SPEC section 4 (the paper / v1); short runs want a smaller ``total_steps``,
-    ``warmup_steps`` and ``ema_momentum``.
+    Defaults follow the paper (v1 where it defers to v1; docs/training.md); short runs want a
+    smaller ``total_steps``, ``warmup_steps`` and ``ema_momentum``, or a time budget
+    (``max_minutes``) over which the schedules are laid out.
+
+    Schedules run from ``start_step`` (0 for a fresh run; a relay leg that starts from a shipped
+    checkpoint continues the step count) to ``total_steps``.
     """
 
     preset: str = "small"
@@ -56,11 +60,31 @@ class TrainConfig:
     eval_files: int = 16
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False
+    start_step: int = 0
+    init_from: str | None = None  # checkpoint the weights started from (recorded, not re-read on resume)
+    init_sha256: str | None = None
+    max_minutes: float | None = None  # time budget: total_steps is set from the measured speed
+    calibrate_steps: int = 100
+    reserve_minutes: float = 0.5  # kept free at the end of the budget for the final export
+    snapshot_minutes: float | None = None  # fp16 EMA snapshots in pieces, for machines that may vanish
+    snapshot_piece_mib: float = 15.0
+    latent_penalty: float = 0.0
+    pre_tanh_limit: float = 2.0
 
     def validate(self) -> None:
-        for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every"):
+        for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every", "calibrate_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.start_step < self.total_steps:
+            raise ValueError(f"need 0 <= start_step < total_steps, got {self.start_step} and {self.total_steps}")
+        for name in ("max_minutes", "snapshot_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of minutes, got {value}")
+        if not 0 < self.delta_end <= self.delta_start:
+            raise ValueError(f"need 0 < delta_end <= delta_start, got {self.delta_end} and {self.delta_start}")
+        if self.latent_penalty < 0 or self.pre_tanh_limit <= 0 or self.snapshot_piece_mib <= 0:
+            raise ValueError("latent_penalty must be >= 0; pre_tanh_limit and snapshot_piece_mib > 0")
         if not 0 <= self.ema_momentum < 1:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0 < self.min_lr <= self.lr:
@@ -105,13 +129,19 @@ class Trainer:
         # Noise is drawn on the training device: no host-side randn and copy per step.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std)
-        self.step = 0
+        self.step = config.start_step
         self.skipped = 0
         self.samples_seen = 0
         self.best_metric: float | None = None
         # The last few training batches (CPU), for measuring the latent scale at export time
         # without opening a second iterator on the running DataLoader.
         self.recent_batches: deque = deque(maxlen=8)
+        if self.device.type == "cuda":
+            # Fixed input shapes every step: let cuDNN pick its fastest convolution algorithms, and
+            # let fp32 matmuls (outside autocast) use TF32.
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         if config.compile:
@@ -119,14 +149,28 @@ class Trainer:
             for module in (self.model.encoder, self.model.decoder, self.model.consistency):
                 module.compile()
 
+    def init_weights_from(self, model: Music2Latent2) -> None:
+        """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
+        stays fresh, which is why a relay leg warms its learning rate up again."""
+        if model.config.replace(latent_scale=1.0).to_dict() != self.model.config.replace(latent_scale=1.0).to_dict():
+            raise ValueError("the checkpoint's model config differs from the run's")
+        state = model.state_dict()
+        self.model.load_state_dict(state, strict=True)
+        self.ema.load_state_dict(state, strict=True)
+
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``."""
+        """Linear warm-up to ``lr`` from ``start_step``, then cosine decay to ``min_lr`` at ``total_steps``."""
         c = self.config
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        progress = min(1.0, (step - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
+        k = step - c.start_step
+        if k < c.warmup_steps:
+            return c.lr * (k + 1) / c.warmup_steps
+        progress = min(1.0, (k - c.warmup_steps) / max(1, c.total_steps - c.start_step - c.warmup_steps))
         return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def delta_at(self, step: int) -> float:
+        c = self.config
+        return consistency_step_delta(step, c.total_steps, c.delta_start, c.delta_end, c.start_step)
 
     def ema_momentum_at(self, updates: int) -> float:
         """v1 warm-up: min(m, (1 + n) / (10 + n)), so early EMA weights follow the model."""
@@ -152,11 +196,11 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        delta = consistency_step_delta(self.step, self.config.total_steps, self.config.delta_start,
-                                       self.config.delta_end)
+        delta = self.delta_at(self.step)
         wav = wav.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = consistency_loss(self.model, wav, delta, self.sampler, self.generator, self.autocast_dtype)
+        loss, stats = consistency_loss(self.model, wav, delta, self.sampler, self.generator, self.autocast_dtype,
+                                       self.config.latent_penalty, self.config.pre_tanh_limit)
         # backward() is harmless on a non-finite loss (the step is skipped and its grads dropped);
         # running it unconditionally leaves one host sync per step: the read-back below.
         loss.backward()
@@ -185,32 +229,74 @@ class Trainer:
     def audio_hours_seen(self, crop: int) -> float:
         return self.samples_seen * crop / self.model.config.sample_rate / 3600
 
+    def _calibrate(self, steps_per_s: float, elapsed_s: float) -> None:
+        """Lay the schedules out over what is left of the time budget at the measured speed."""
+        c = self.config
+        assert c.max_minutes is not None
+        remaining = (c.max_minutes - c.reserve_minutes) * 60 - elapsed_s
+        c.total_steps = max(self.step + 1, self.step + int(steps_per_s * remaining))
+        print(f"time budget {c.max_minutes:g} min at {steps_per_s:.2f} steps/s: schedules end at step "
+              f"{c.total_steps}", flush=True)
+
     def fit(self, batches: Iterable[torch.Tensor], crop: int, on_save: Callable[[Trainer], None],
-            on_eval: Callable[[Trainer], None] | None = None, log_file: Path | None = None) -> None:
-        """Train until ``total_steps``, logging, saving and evaluating on schedule."""
+            on_eval: Callable[[Trainer], None] | None = None, log_file: Path | None = None,
+            on_snapshot: Callable[[Trainer], None] | None = None) -> None:
+        """Train until ``total_steps`` (or the time budget), logging, saving, evaluating and
+        snapshotting on schedule.
+
+        With ``max_minutes`` the steps/s of ``calibrate_steps`` steps (after 10 warm-up steps)
+        fix ``total_steps``, so a run stopped by its budget has finished its lr and consistency
+        schedules; the budget is also a hard stop should the speed drop later.
+        """
         c = self.config
         window: List[float] = []
-        t0, s0 = time.perf_counter(), self.step
+        sums: Dict[str, float] = {}
+        t_begin = time.perf_counter()
+        t0, s0 = t_begin, self.step
+        first = self.step
+        calib_t: float | None = None
+        last_snapshot = t_begin
         for wav in batches:
             if self.step >= c.total_steps:
                 break
+            now = time.perf_counter()
+            if c.max_minutes is not None:
+                if now - t_begin > c.max_minutes * 60:
+                    print(f"time budget of {c.max_minutes:g} min spent at step {self.step} of {c.total_steps}; "
+                          "stopping", flush=True)
+                    break
+                if self.step == first + 10:
+                    calib_t = now
+                elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
+                    self._calibrate(c.calibrate_steps / (now - calib_t), now - t_begin)
+                    calib_t = None
             stats = self.train_step(wav)
             self.recent_batches.append(wav.detach().cpu())
             if stats["skipped"] == 0:
                 window.append(stats["loss"])
+                for key in ("saturated", "pre_tanh_std"):
+                    sums[key] = sums.get(key, 0.0) + stats[key]
             if self.step % c.log_every == 0 or self.step == c.total_steps:
                 rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
                 loss = sum(window) / len(window) if window else float("nan")
+                means = {k: v / max(len(window), 1) for k, v in sums.items()}
                 line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {stats['lr']:.2e}  "
+                        f"delta {stats['delta']:.4f}  sat {means.get('saturated', float('nan')):.4f}  "
+                        f"pre-tanh std {means.get('pre_tanh_std', float('nan')):.3f}  "
                         f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {self.skipped}")
                 print(line, flush=True)
                 if log_file is not None:
-                    record = {"step": self.step, "loss": loss, "lr": stats["lr"], "steps_per_s": rate,
-                              "audio_hours": self.audio_hours_seen(crop), "skipped": self.skipped}
+                    record = {"step": self.step, "loss": loss, "lr": stats["lr"], "delta": stats["delta"],
+                              "steps_per_s": rate, "audio_hours": self.audio_hours_seen(crop),
+                              "skipped": self.skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means}
                     with open(log_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                window, t0, s0 = [], time.perf_counter(), self.step
+                window, sums, t0, s0 = [], {}, time.perf_counter(), self.step
             if self.step % c.save_every == 0 or self.step == c.total_steps:
                 on_save(self)
             if on_eval is not None and (self.step % c.eval_every == 0 or self.step == c.total_steps):
                 on_eval(self)
+            if (on_snapshot is not None and c.snapshot_minutes is not None
+                    and time.perf_counter() - last_snapshot >= c.snapshot_minutes * 60):
+                on_snapshot(self)
+                last_snapshot = time.perf_counter()
