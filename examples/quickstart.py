@@ -3,9 +3,10 @@
     python examples/quickstart.py                      # the bundled 8 s Brahms clip
     python examples/quickstart.py song.wav --model path/to/checkpoint --out recon.wav
 
-Without ``--model`` it uses the default pretrained model. If no pretrained weights are available
-(none have been released yet), it says so and runs an untrained ``small`` model instead, so the
-whole pipeline and its timings can still be seen: the reconstruction is then not music.
+Without ``--model`` it uses the default pretrained model (bundled in the package, no network
+needed). If no pretrained weights are available (a damaged install, or a manifest without
+them), it says so and runs an untrained ``small`` model instead, so the whole pipeline and its
+timings can still be seen: the reconstruction is then not music.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_training import MICRO, _config  # the same micro training config
 
 from music2latent2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from music2latent2.training import TrainConfig, Trainer, consistency_step_delta, crop_samples
+from music2latent2.training import Trainer, consistency_step_delta, crop_samples
 from music2latent2.training.__main__ import main as train_main
 from music2latent2.training.data import AudioSource
 from music2latent2.training.losses import consistency_loss
@@ -21,16 +22,6 @@ from music2latent2.training.snapshot import LATEST_NAME, PIECES_NAME, join_snaps
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = {"n_fft": 256, "hop_length": 64, "freq_bins": 128, "chunk_frames": 16}
-
-
-def _config(**kw) -> TrainConfig:
-    base = dict(preset="tiny", model_overrides=dict(MICRO), batch_size=2, lr=1e-3, warmup_steps=1,
-                total_steps=50, ema_momentum=0.9, precision="fp32", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def _batch(trainer: Trainer, seed: int = 0) -> torch.Tensor:
     c = trainer.model.config
     n = crop_samples(c.chunk_samples, c.n_fft, c.hop_length)
@@ -205,9 +196,18 @@ def test_parallel_preload_matches_sequential(tmp_path):
     assert sorted(one.cache) == sorted(many.cache) == list(range(6))
     for i in range(6):
         np.testing.assert_array_equal(one.cache[i], many.cache[i])
-    small = AudioSource(tmp_path, 1.0, cache_budget=one.cache[0].nbytes + one.cache[1].nbytes)
-    small.preload(threads=4)
+    import music2latent2.training.data as data_module
+
+    decoded = []
+    real_load = data_module.load_audio
+    data_module.load_audio = lambda p: decoded.append(p) or real_load(p)
+    try:
+        small = AudioSource(tmp_path, 1.0, cache_budget=one.cache[0].nbytes + one.cache[1].nbytes)
+        small.preload(threads=2)
+    finally:
+        data_module.load_audio = real_load
     assert sorted(small.cache) == [0, 1]  # stops at the first file that does not fit
+    assert len(decoded) <= 4  # 3 needed, at most one more in flight: not the whole folder
 
 
 def test_relay_cli_init_from_budget_snapshots_and_join(tmp_path, capsys):

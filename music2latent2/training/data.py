@@ -9,6 +9,7 @@ in memory up to a byte budget; preloading before the DataLoader forks shares it 
 from __future__ import annotations
 
 import math
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,26 @@ class AudioSource:
         of Vorbis take minutes on one core but seconds on a GPU machine's sixteen. Files enter
         the cache in order, so the result does not depend on the thread count.
         """
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            for i, data in enumerate(pool.map(self._decode, range(len(self.files)))):
-                if not self._keep(i, data):
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    break
+        threads = max(1, threads)
+        if threads == 1:
+            for i in range(len(self.files)):
+                if not self._keep(i, self._decode(i)):
+                    return
+            return
+        # At most `threads` files in flight: when one does not fit, fewer than `threads` decodes
+        # are wasted, not the rest of the corpus.
+        with ThreadPoolExecutor(threads) as pool:
+            pending: deque = deque()
+            next_index = 0
+            while pending or next_index < len(self.files):
+                while next_index < len(self.files) and len(pending) < threads:
+                    pending.append((next_index, pool.submit(self._decode, next_index)))
+                    next_index += 1
+                i, future = pending.popleft()
+                if not self._keep(i, future.result()):
+                    for _, rest in pending:
+                        rest.cancel()
+                    return
 
 
 class CropDataset(IterableDataset):
