@@ -1,9 +1,7 @@
 """Relay-leg training: start from a checkpoint, time-budgeted schedules, snapshots in pieces,
-pre-tanh monitoring, parallel preloading and the corpus carry parts (tiny model, CPU)."""
+pre-tanh monitoring and parallel preloading (tiny model, CPU). Corpus carry parts: test_corpus_builder.py."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,31 +238,3 @@ def test_relay_cli_init_from_budget_snapshots_and_join(tmp_path, capsys):
     with safe_open(str(run / "state.safetensors"), framework="pt") as f:
         cfg = json.loads(f.metadata()["train_config"])
     assert cfg["start_step"] == 40 and cfg["init_from"] == str(ckpt) and len(cfg["init_sha256"]) == 64
-
-
-def test_corpus_parts_round_trip_and_corruption(tmp_path):
-    corpus = tmp_path / "corpus"
-    (corpus / "music").mkdir(parents=True)
-    (corpus / "speech").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        (corpus / ("music" if i < 3 else "speech") / f"f{i}.ogg").write_bytes(rng.bytes(300_000 + i))
-    (corpus / "manifest.json").write_text("{}")
-    script = ROOT / "scripts" / "gpu" / "pack_corpus.py"
-    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)  # noqa: E731
-    res = run("pack", str(corpus), "--out", str(tmp_path / "carry"), "--part-mib", "0.7")
-    assert res.returncode == 0, res.stderr
-    parts = sorted((tmp_path / "carry").iterdir())
-    assert len(parts) == 3 and all((p / "part.tar").stat().st_size <= 0.7 * 2 ** 20 for p in parts)
-    res = run("unpack", *map(str, parts), "--into", str(tmp_path / "there"))
-    assert res.returncode == 0, res.stderr
-    for f in corpus.rglob("*"):
-        if f.is_file():
-            assert (tmp_path / "there" / f.relative_to(corpus)).read_bytes() == f.read_bytes()
-    tar = parts[1] / "part.tar"
-    data = bytearray(tar.read_bytes())
-    data[5000] ^= 0xFF
-    tar.write_bytes(bytes(data))
-    res = run("unpack", str(parts[1]), "--into", str(tmp_path / "again"))
-    assert res.returncode != 0 and "corrupt part" in res.stderr
-    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").rglob("*.ogg"))

@@ -25,7 +25,7 @@ shift
 
 unpack() {
     for part in "$@"; do
-        "$PY" scripts/gpu/pack_corpus.py unpack "$part" --into "$CORPUS"
+        "$PY" -m music2latent2.training.corpus unpack "$part" --into "$CORPUS"
     done
 }
 
@@ -52,7 +52,7 @@ bench)
     ;;
 start)
     data=()
-    for spec in music:0.65 speech:0.2 real:0.15; do
+    for spec in music:0.6 midi:0.15 speech:0.15 real:0.1; do
         [ -d "$CORPUS/${spec%%:*}" ] && data+=("$CORPUS/$spec")
     done
     [ ${#data[@]} -gt 0 ] || { echo "no corpus under $CORPUS"; exit 1; }

@@ -12,7 +12,8 @@ corpus=${1:?usage: rehearse.sh CORPUS_DIR [WORK_DIR]}
 work=${2:-/tmp/m2l2-rehearsal}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf "$work" && mkdir -p "$work/device" "$work/back"
-python3 "$root/scripts/gpu/pack_corpus.py" pack "$corpus" --out "$work/carry" --part-mib "${PART_MIB:-2}"
+corpus=$(cd "$corpus" && pwd)
+(cd "$root" && python3 -m music2latent2.training.corpus pack "$corpus" --out "$work/carry" --part-mib "${PART_MIB:-8}")
 nparts=$(ls -d "$work"/carry/p* | wc -l)
 
 # "device" working tree: what a call sends (git ls-files -co --exclude-standard), plus carried parts.
