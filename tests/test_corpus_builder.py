@@ -109,6 +109,8 @@ def test_rules_decide_what_goes_in(built):
     assert not inputs & {"short.flac", "lowrate.flac", "muffled.flac", "tune.mod"}
     assert any("muffled" in s and "band-limited" in s for s in skipped)
     assert "no-such-renderer-m2l2 not installed" in built["log"]  # a missing tool skips its sources
+    assert "warning: music has 0.0" in built["log"] and "of the 1.00 h asked for" in built["log"]  # fixture is small
+    assert "warning: midi" not in built["log"]  # the MIDI renders reach their 60 s
     stems = [e for e in files if e["source"] == "fake-stems"]
     assert len(stems) == 1 and stems[0]["inputs"] == ["song.ogg", "drums.ogg"]
     assert stems[0]["seconds"] == pytest.approx(23.0, abs=0.3)  # stems mixed into one track
@@ -260,3 +262,11 @@ def test_a_rebuild_gives_the_same_audio(built, tmp_path):
     for e in manifests[0]:
         # Same samples; the files' bytes (and sha256) differ only by the Ogg stream's random serial number.
         assert np.array_equal(sf.read(str(tmp_path / "a" / e["path"]))[0], sf.read(str(tmp_path / "b" / e["path"]))[0])
+
+
+def test_a_build_that_makes_nothing_says_why(built, tmp_path):
+    cfg = BuildConfig(out=tmp_path / "corpus", cache=built["cfg"].cache, music_hours=1.0, midi_hours=0,
+                      speech_hours=0, min_seconds=600.0, jobs=1, install_tools=False, sources=SOURCES[:1])
+    with pytest.raises(CorpusError, match="no track could be made"):
+        build(cfg, log=lambda s: None)
+    assert os.listdir(tmp_path) == []  # neither a corpus nor its .partial folder is left

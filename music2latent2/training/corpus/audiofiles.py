@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
-import soxr
+import torch
+
+from ...audio import load_audio, resample
+from ...fileio import atomic_write
 
 SAMPLE_RATE = 44100
 # Ogg Vorbis at libsndfile compression level 0.5 is ~80 kbit/s for mono music (34 MiB per hour)
@@ -19,19 +21,16 @@ VORBIS_LEVEL = 0.5
 
 
 def to_mono(data: np.ndarray, sample_rate: int) -> np.ndarray:
-    """(T, C) or (T,) audio at any rate -> (T',) float32 mono at 44.1 kHz."""
-    mono = data.mean(axis=1) if data.ndim == 2 else data
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
-    if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return mono
+    """(C, T) audio at any rate -> (T',) float32 mono at 44.1 kHz (the library's soxr resampler)."""
+    mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=0), dtype=np.float32))
+    return resample(mono, sample_rate, SAMPLE_RATE).numpy()
 
 
 def read_mono(paths: Sequence[Path]) -> Tuple[np.ndarray, int]:
     """Mono 44.1 kHz sum of one or more files (stems of one song) and the lowest source rate."""
     mix, rate = None, SAMPLE_RATE * 100
     for path in paths:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, sr = load_audio(path)  # (C, T); a clear ValueError for an unreadable or empty file
         rate = min(rate, sr)
         mono = to_mono(data, sr)
         if mix is None:
@@ -94,17 +93,16 @@ def bandwidth_hz(audio: np.ndarray, sample_rate: int, floor_db: float = -60.0, e
 
 
 def write_vorbis(path: Path, audio: np.ndarray, level: float = VORBIS_LEVEL) -> None:
-    """Write mono 44.1 kHz Ogg Vorbis atomically (a temporary name, then a rename).
+    """Write mono 44.1 kHz Ogg Vorbis atomically (the library's ``atomic_write``).
 
     Written in blocks: one very long write makes libsndfile's Vorbis encoder fail.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    with sf.SoundFile(str(tmp), "w", SAMPLE_RATE, 1, format="OGG", subtype="VORBIS",
-                      compression_level=level) as out:
-        for i in range(0, len(audio), 1 << 16):
-            out.write(audio[i:i + (1 << 16)])
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with sf.SoundFile(tmp, "w", SAMPLE_RATE, 1, format="OGG", subtype="VORBIS", compression_level=level) as out:
+            for i in range(0, len(audio), 1 << 16):
+                out.write(audio[i:i + (1 << 16)])
+
+    atomic_write(path, write)
 
 
 def file_digest(*paths: Path, algorithm: str = "sha256") -> str:

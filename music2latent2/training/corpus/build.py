@@ -284,6 +284,9 @@ def build(cfg: BuildConfig, log: Log = print) -> Path:
             got, bad = run()
             entries += got
             skipped += bad
+    if not entries:  # e.g. every decode failed: say why instead of writing an empty corpus
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CorpusError(f"no track could be made ({len(skipped)} skipped), e.g. " + "; ".join(skipped[:3]))
     for src in sources:
         notice = copyright_file(trees[src.package])
         if notice is not None:
@@ -305,7 +308,18 @@ def build(cfg: BuildConfig, log: Log = print) -> Path:
     else:
         os.replace(partial, out)
     log(report(manifest))
+    for line in shortfalls(cfg, manifest["hours"]["kind"]):
+        log(line)
     return out / MANIFEST_NAME
+
+
+def shortfalls(cfg: BuildConfig, hours_by_kind: Dict[str, float]) -> List[str]:
+    """Warnings for kinds that ended under 90 % of the hours asked for (sources exhausted,
+    tools missing, many tracks skipped), so a short corpus is not mistaken for a full one."""
+    asked = {"music": cfg.music_hours, "midi": cfg.midi_hours, "speech": cfg.speech_hours}
+    return [f"warning: {kind} has {hours_by_kind.get(kind, 0.0):.2f} h of the {want:.2f} h asked for "
+            "(see 'skipped' in the manifest)" for kind, want in asked.items()
+            if want > 0 and hours_by_kind.get(kind, 0.0) < 0.9 * want]
 
 
 def report(manifest: Dict) -> str:

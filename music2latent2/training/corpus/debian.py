@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
+from ...audio import AUDIO_EXTENSIONS
 from .sources import TOOL_PACKAGES, CorpusError
 
-AUDIO_SUFFIXES = (".ogg", ".opus", ".flac", ".wav", ".mp3")
 Log = Callable[[str], None]
 
 
@@ -50,7 +50,7 @@ def _unpack_archives(tree: Path) -> None:
     for archive in sorted(list(tree.rglob("*.zip")) + list(tree.rglob("*.pk3"))):
         try:
             with zipfile.ZipFile(archive) as z:
-                members = [m for m in z.namelist() if m.lower().endswith(AUDIO_SUFFIXES)]
+                members = [m for m in z.namelist() if Path(m).suffix.lower() in AUDIO_EXTENSIONS]
                 z.extractall(archive.with_name(archive.name + ".unzipped"), members)
         except zipfile.BadZipFile:
             continue  # some .pk3 files are not zips; they hold no music we know how to read

@@ -3,7 +3,8 @@
 Every render draws its own instruments per channel, transposition, tempo and velocity, and a
 soundfont from several, so one score gives several different-sounding tracks. Pieces shorter
 than the minimum track length are joined into medleys; some renders get a second piece layered
-underneath. Rendering uses midirenderer (PyPI; a Rust synthesizer, ~80x real time per core).
+underneath. Rendering uses midirenderer (PyPI; a Rust synthesizer, ~30-60x real time per core
+depending on the soundfont, measured in docs/corpus.md).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def render_midi(midi_bytes: bytes, soundfont: str) -> np.ndarray:
     if soundfont not in _SOUNDFONT_BYTES:
         _SOUNDFONT_BYTES[soundfont] = Path(soundfont).read_bytes()
     wav = midirenderer.render_wave_from(_SOUNDFONT_BYTES[soundfont], midi_bytes)
-    data, sr = sf.read(io.BytesIO(bytes(wav)), dtype="float32", always_2d=True)
-    return to_mono(data, sr)
+    data, sr = sf.read(io.BytesIO(bytes(wav)), dtype="float32", always_2d=True)  # (T, C)
+    return to_mono(data.T, sr)
 
 
 def render_medley(midi_paths: Sequence[str], soundfont: str, seed: int, min_seconds: float,

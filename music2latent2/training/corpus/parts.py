@@ -37,7 +37,7 @@ def plan_parts(files: Sequence[Path], root: Path, part_bytes: int, seed: int = 0
     """
     capacity = part_bytes - END_OF_ARCHIVE
     meta = sorted(f for f in files if f.suffix.lower() in (".json", ".txt", ".md"))
-    audio = sorted(f for f in files if f not in set(meta))
+    audio = sorted(set(files) - set(meta))
     random.Random(seed).shuffle(audio)
     parts: List[List[Path]] = []
     free: List[int] = []

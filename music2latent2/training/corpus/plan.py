@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import soundfile as sf
 
+from ...audio import AUDIO_EXTENSIONS
 from .audiofiles import file_digest
-from .debian import AUDIO_SUFFIXES
 from .render import TRACKER_SUFFIXES
 from .sources import Source
 
@@ -126,7 +126,7 @@ def candidates(source: Source, tree: Path, seen: Set[str], min_seconds: float, m
                 add([p], LMMS_TYPICAL_SECONDS, p.stem)
     elif source.handler == "files":
         for p in files:
-            if p.suffix.lower() in AUDIO_SUFFIXES:
+            if p.suffix.lower() in AUDIO_EXTENSIONS:
                 seconds, rate = _duration(p)
                 if seconds >= min_seconds and rate >= min_rate:
                     add([p], seconds, p.stem)
@@ -140,7 +140,7 @@ def speech_groups(source: Source, tree: Path, seen: Set[str], min_rate: int, sec
     """Short speech clips, shuffled and grouped into tracks of about ``seconds_per_file``."""
     clips = []
     for p in sorted(tree.rglob("*")):
-        if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES:
+        if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS:
             seconds, rate = _duration(p)
             if seconds > 0.3 and rate >= min_rate:
                 digest = file_digest(p, algorithm="md5")

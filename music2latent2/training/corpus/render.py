@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
+from ...audio import load_audio
 from .audiofiles import SAMPLE_RATE, to_mono
 
 TRACKER_SUFFIXES = (".mod", ".xm", ".it", ".s3m", ".mtm", ".669", ".med", ".okt", ".stm", ".umx", ".ult", ".far")
@@ -26,8 +26,8 @@ class RenderError(RuntimeError):
 
 def _read_wav(path: Path, what: str) -> np.ndarray:
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # noqa: BLE001 - soundfile raises several types for a bad file
+        data, sr = load_audio(path)
+    except ValueError as err:
         raise RenderError(f"{what}: no readable output ({err})") from None
     return to_mono(data, sr)
 
@@ -36,8 +36,9 @@ def render_tracker(module: Path, timeout: float = 300.0) -> np.ndarray:
     """Render a tracker module (.mod/.xm/.it/.s3m/...) with openmpt123 -> (T,) mono 44.1 kHz."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.wav"
+        # Float output: no 16-bit clipping, and no random dither, so a rebuild renders the same samples.
         cmd = ["openmpt123", "--batch", "--quiet", "--samplerate", str(SAMPLE_RATE), "--channels", "1",
-               "--no-float", "--end-time", str(MAX_RENDER_SECONDS), "--force", "-o", str(out), str(module)]
+               "--float", "--end-time", str(MAX_RENDER_SECONDS), "--force", "-o", str(out), str(module)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
