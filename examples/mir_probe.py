@@ -20,7 +20,31 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from music2latent2.audio import find_audio_files
 from music2latent2.cli import main as cli_main
+
+
+def count_labelled_files(data_dir: Path) -> Dict[str, int]:
+    """Audio files per label (top-level sub-folder) under DATA_DIR; files directly in it have none."""
+    counts: Dict[str, int] = {}
+    for path in find_audio_files(data_dir):
+        rel = path.relative_to(data_dir)
+        if len(rel.parts) >= 2:
+            counts[rel.parts[0]] = counts.get(rel.parts[0], 0) + 1
+    return counts
+
+
+def check_layout(data_dir: Path) -> str | None:
+    """Why DATA_DIR cannot give a train/test split (checked before any feature is extracted), or None."""
+    if not data_dir.is_dir():
+        return f"{data_dir} is not a folder"
+    counts = count_labelled_files(data_dir)
+    usable = {label: n for label, n in counts.items() if n >= 2}
+    if len(usable) < 2:
+        found = ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())) or "no audio in any sub-folder"
+        return (f"{data_dir} needs one sub-folder per class, at least 2 classes with at least 2 audio files each "
+                f"(DATA_DIR/<label>/**/*.wav); found {found}")
+    return None
 
 
 def load_features(features_dir: Path) -> Tuple[np.ndarray, List[str]]:
@@ -98,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    problem = check_layout(Path(args.data_dir))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory() as tmp:
         feats_dir = Path(args.features_dir or tmp)

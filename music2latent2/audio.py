@@ -10,14 +10,57 @@ import numpy as np
 import soundfile as sf
 import torch
 
-__all__ = ["AudioLike", "AUDIO_EXTENSIONS", "find_audio_files", "load_audio", "to_float_array", "resample",
-           "check_finite"]
+__all__ = ["AudioLike", "AUDIO_EXTENSIONS", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_TIME_LAST_GUESS",
+           "find_audio_files", "load_audio", "to_float_array", "resample", "check_finite", "check_sample_rate",
+           "check_time_last"]
 
 AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 # File endings treated as audio when scanning folders (all formats libsndfile reads).
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
                               ".snd", ".w64", ".caf", ".rf64"})
+
+
+# Sample rates outside this range are mistakes (sr=1 would make a 44,100x longer signal; sr=1e12 would
+# squeeze a song into a few samples), not audio: refused with an error instead of running out of memory.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+
+# A 2-D or 3-D array whose last axis is at most this long and shorter than the axis before it is taken
+# to be (time, channels), the layout soundfile.read returns, and refused: 64 samples are 1.5 ms at
+# 44.1 kHz, never a useful signal, while (time, channels) arrays have 1-8 channels and long time axes.
+MAX_TIME_LAST_GUESS = 64
+
+
+def check_sample_rate(sr: object, name: str = "sr") -> int:
+    """Return ``sr`` as an int if it is an integer number of Hz in 1 kHz .. 768 kHz, else raise.
+
+    Raises:
+        TypeError: ``sr`` is not an integer (floats such as 44100.0 included: pass ``int(sr)``).
+        ValueError: ``sr`` is outside ``MIN_SAMPLE_RATE .. MAX_SAMPLE_RATE``.
+    """
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer number of Hz, got {sr!r} ({type(sr).__name__})"
+                        + ("; pass int(sr)" if isinstance(sr, (float, np.floating)) and float(sr).is_integer() else ""))
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{name}={int(sr)} Hz is not a plausible audio sample rate: it must be between "
+                         f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz")
+    return int(sr)
+
+
+def check_time_last(shape: Tuple[int, ...], name: str = "audio") -> None:
+    """Refuse an array that looks like (time, channels) instead of (channels, time).
+
+    The rule: for 2 or more dimensions, if the last axis is at most ``MAX_TIME_LAST_GUESS`` long and
+    shorter than the axis before it, the axes are swapped (a 5 s stereo clip from ``soundfile.read``
+    is (220500, 2); taken as (C, T) it would be 220,500 channels of 2 samples each).
+    """
+    if len(shape) >= 2 and 0 < shape[-1] <= MAX_TIME_LAST_GUESS and shape[-2] > shape[-1]:
+        swapped = shape[:-2] + (shape[-1], shape[-2])
+        fix = "wav.T" if len(shape) == 2 else "wav.swapaxes(-1, -2)"
+        raise ValueError(f"{name} has shape {tuple(shape)}, which looks like (time, channels), the layout "
+                         f"soundfile.read returns; time must be the last axis: (T,), (C, T) or (B, C, T). "
+                         f"Pass {fix} (shape {swapped})")
 
 
 def find_audio_files(path: Union[str, os.PathLike]) -> List[Path]:
@@ -45,6 +88,10 @@ def load_audio(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:
         raise ValueError(f"cannot read audio file {p}: {err}") from err
     if data.size == 0:
         raise ValueError(f"audio file is empty: {p}")
+    try:
+        check_sample_rate(int(sr), "sample rate")
+    except ValueError as err:
+        raise ValueError(f"audio file {p}: {err}") from None
     return np.ascontiguousarray(data.T), int(sr)
 
 
@@ -81,8 +128,8 @@ def resample(x: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
     """Resample (..., T) along the last axis with soxr (high quality). Device is kept."""
     if sr_in == sr_out:
         return x
-    if sr_in <= 0:
-        raise ValueError(f"sample rate must be positive, got {sr_in}")
+    check_sample_rate(sr_in, "input sample rate")
+    check_sample_rate(sr_out, "output sample rate")
     import soxr
 
     lead, n = x.shape[:-1], x.shape[-1]

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .fileio import atomic_write
+from .fileio import atomic_write, safetensors_problem
 from .model import Music2Latent2
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "save_checkpoint", "load_checkpoint", "read_metadata",
@@ -120,6 +120,9 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     p = _weights_path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    problem = safetensors_problem(p)
+    if problem:
+        raise CheckpointError(f"cannot read checkpoint {p}: not a valid safetensors file ({problem})")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -133,6 +136,37 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     return meta
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_tensors(path: Path, expected: Dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming every missing, unexpected, mis-shaped or wrongly typed tensor,
+    reading only the file's header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            found = {k: (tuple(t.get_shape()), str(t.get_dtype())) for k, t in slices.items()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {found[k][0]} vs model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in found and found[k][0] != tuple(v.shape))
+    dtypes = sorted(f"{k}: {found[k][1]}" for k, v in expected.items()
+                    if k in found and v.is_floating_point() and found[k][1] not in _FLOAT_DTYPES)
+    parts = []
+    if missing:
+        parts.append(f"missing tensors {missing}")
+    if unexpected:
+        parts.append(f"unexpected tensors {unexpected}")
+    if wrong:
+        parts.append(f"mis-shaped tensors {wrong}")
+    if dtypes:
+        parts.append(f"tensors that must be floating point (F16, BF16, F32 or F64) but are not: {dtypes}")
+    if parts:
+        raise CheckpointError(f"checkpoint {path} does not match its config: " + "; ".join(parts))
+
+
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
                     sha256: str | None = None) -> Music2Latent2:
     """Build a model from a checkpoint file or directory, strictly. Weights load as float32.
@@ -143,9 +177,10 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         sha256: if given, the file's hex sha256 must equal it (checked before anything is parsed).
 
     Raises:
-        CheckpointError: the file is missing, not valid safetensors, has no/invalid config or an
-            unknown format version, or its tensors do not match the config (each missing,
-            unexpected or mis-shaped tensor is named). ChecksumMismatchError (a subclass) if
+        CheckpointError: the file is missing, not valid safetensors, has no config, a config
+            with a missing, mistyped or out-of-range field (named), or an unknown format version,
+            or its tensors do not match the config (each missing, unexpected, mis-shaped or
+            non-floating-point tensor is named). ChecksumMismatchError (a subclass) if
             ``sha256`` is given and differs.
     """
     p = _weights_path(path)
@@ -155,28 +190,20 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         verify_sha256(p, sha256)
     meta = read_metadata(p)
     try:
-        config = ModelConfig.from_json(meta["config"])
+        config = ModelConfig.from_json(meta["config"], require_all=True)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint {p} has an invalid model config: {err}") from err
+    # Compare names, shapes and dtypes against a model built on the meta device (no memory) before
+    # reading any tensor data or allocating the real model: a config that disagrees with the file
+    # is reported, not turned into a huge allocation.
+    with torch.device("meta"):
+        expected = dict(Music2Latent2(config).state_dict())
+    _check_tensors(p, expected)
     try:
         tensors = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
     model = Music2Latent2(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        if wrong:
-            parts.append(f"mis-shaped tensors {wrong}")
-        raise CheckpointError(f"checkpoint {p} does not match its config: " + "; ".join(parts))
     bad = [k for k, t in tensors.items() if not _all_finite(t)]
     if bad:
         raise CheckpointError(f"checkpoint {p} has non-finite values in {bad[:5]}")

@@ -27,9 +27,10 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .audio import AUDIO_EXTENSIONS, check_finite, load_audio, resample
+from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio, resample
 from .checkpoint import WEIGHTS_NAME, sha256_file
-from .fileio import atomic_write
+from .devices import resolve_device
+from .fileio import atomic_write, check_output_dir, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
@@ -69,6 +70,35 @@ def _parse_shard(text: str) -> Tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"--shard I/N needs N >= 1 and 0 <= I < N, got {text!r}")
     return i, n
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
+    return value
+
+
+def _sample_rate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer number of Hz, got {text!r}") from None
+    try:
+        return check_sample_rate(value, "rate")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str) -> List[Job]:
@@ -239,6 +269,11 @@ class Runner:
                 raise ValueError(f"latents have {name}={getattr(meta, name)} but the model has {getattr(cfg, name)}")
         if not math.isclose(meta.latent_scale, cfg.latent_scale, rel_tol=1e-6):
             raise ValueError(f"latents have latent_scale={meta.latent_scale} but the model has {cfg.latent_scale}")
+        if meta.model_audio_channels is not None and meta.model_audio_channels != cfg.audio_channels:
+            kinds = {1: "mono", 2: "stereo"}
+            raise ValueError(f"latents were made by a {kinds[meta.model_audio_channels]} model but this model is "
+                             f"{kinds[cfg.audio_channels]}: they would decode to the wrong number of channels; "
+                             f"decode them with a {kinds[meta.model_audio_channels]} checkpoint (--model)")
         if meta.model_sha256 and self.model_sha and meta.model_sha256 != self.model_sha and not self._warned_sha:
             print(f"warning: latents were made with model sha256 {meta.model_sha256[:12]}..., decoding with "
                   f"{self.model_sha[:12]}...", file=sys.stderr)
@@ -249,6 +284,10 @@ class Runner:
                                  seed=self.args.seed)  # (C_out, n_model), seeded per file
         if wav.shape[0] != meta.channels and meta.channels == 1:  # mono input through a stereo model
             wav = wav.mean(dim=0, keepdim=True)
+        if wav.shape[0] != meta.channels:  # never write a file with a different channel count than the original
+            raise ValueError(f"decoding gave {wav.shape[0]} channels but the original had {meta.channels}: "
+                             f"the latents ({latents.shape[0]} sequences) do not fit this "
+                             f"{cfg.audio_channels}-channel model")
         sr = self.args.sr or meta.sample_rate
         length = meta.length if sr == meta.sample_rate else math.ceil(meta.length * sr / meta.sample_rate)
         wav = _fit_length(resample(wav.float().cpu(), cfg.sample_rate, sr), length)
@@ -260,7 +299,8 @@ class Runner:
                               summary_tokens=cfg.summary_tokens, latent_dim=cfg.latent_dim,
                               latent_scale=cfg.latent_scale, model_sample_rate=cfg.sample_rate,
                               chunk_samples=cfg.chunk_samples, model_name=self.model_name,
-                              model_sha256=self.model_sha, extra={"source": job.key})
+                              model_sha256=self.model_sha, model_audio_channels=cfg.audio_channels,
+                              extra={"source": job.key})
 
     def process(self, job: Job, loaded: Any) -> float:
         cmd, ed = self.args.command, self.encdec
@@ -299,22 +339,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output directory (input trees are mirrored), or a file name for a single input")
         p.add_argument("--model", default=None, help="manifest name or checkpoint file/directory")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-        p.add_argument("--batch-size", type=int, default=32,
+        p.add_argument("--batch-size", type=_positive_int, default=32,
                        help="chunks (encode) or sequences (decode) per forward pass (default 32)")
         p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
         p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N",
                        help="process only shard I of N (0-based; sha1 of the relative path mod N)")
-        p.add_argument("--workers", type=int, default=2, help="threads loading audio ahead of the model (0 = none)")
+        p.add_argument("--workers", type=_non_negative_int, default=2,
+                       help="threads loading audio ahead of the model (0 = none)")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads for the model (default: PyTorch's, one per core); use 1 per process "
+                            "when several run at once or the machine is busy")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name in ("encode", "features"):
             p.add_argument("--mono", action="store_true", help="average channels before encoding")
         if name in ("decode", "reconstruct"):
             p.add_argument("--format", default=None, choices=["wav", "flac"],
                            help="output audio format (default: from -o when it names one .wav/.flac file, else wav)")
-            p.add_argument("--sr", type=int, default=None, help="output sample rate (default: the original's)")
+            p.add_argument("--sr", type=_sample_rate, default=None,
+                           help="output sample rate, 1000..768000 Hz (default: the original's)")
             p.add_argument("--seed", type=int, default=0, help="decoder noise seed, the same for every file")
-            p.add_argument("--denoising-steps", type=int, default=1, help="consistency steps per chunk")
+            p.add_argument("--denoising-steps", type=_positive_int, default=1, help="consistency steps per chunk")
     return parser
 
 
@@ -328,13 +373,44 @@ def _output_format(args: argparse.Namespace) -> str:
     return "wav"
 
 
+def _preflight(args: argparse.Namespace, jobs: Sequence[Job]) -> str | None:
+    """What would make every file fail, found before the model is loaded: a --device this machine
+    lacks, an output folder that is a file or cannot be written, no model to load. None if fine."""
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        return f"--device: {err}"
+    probed = set()
+    for folder in sorted({job.dst.parent for job in jobs}):
+        anchor = nearest_existing(folder)
+        if anchor in probed:  # a new tree of 10,000 folders is one probe of the folder it goes in
+            continue
+        probed.add(anchor)
+        try:
+            check_output_dir(folder)
+        except OSError as err:
+            return f"-o {args.output}: {err.strerror if err.strerror else err}"
+    for job in jobs:
+        if job.dst.is_dir():
+            return f"output {job.dst} is an existing folder; it cannot be replaced by a file"
+    if args.model is None:
+        from .hub import load_manifest
+
+        try:
+            manifest = load_manifest()
+        except ValueError as err:
+            return f"{err}; pass --model NAME_OR_PATH (a checkpoint file or folder)"
+        if manifest.default is None:
+            names = f" or one of the manifest's models {sorted(manifest.models)}" if manifest.models else ""
+            return (f"no --model given and the weights manifest {manifest.path} names no default model; pass "
+                    f"--model with a checkpoint file or folder (model.safetensors){names}")
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     if COMMANDS[args.command][1] is None:
         args.format = _output_format(args)
     suffix = COMMANDS[args.command][1] or f".{args.format}"
-    if args.batch_size < 1 or args.workers < 0 or (getattr(args, "sr", None) is not None and args.sr <= 0):
-        print("error: --batch-size and --sr must be positive, --workers >= 0", file=sys.stderr)
-        return 2
     try:
         jobs = collect_jobs(args.inputs, args.output, args.command, suffix)
     except ValueError as err:
@@ -349,11 +425,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.command}: nothing to do, {skipped} output(s) already exist "
               "(--overwrite to redo them)", file=sys.stderr)
         return 0
+    problem = _preflight(args, todo)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         runner = Runner(args)
-    except Exception as err:  # a bad --device raises RuntimeError/AssertionError, a bad file ValueError...
-        print(f"error: cannot load model {args.model!r} on device {args.device!r}: "
-              f"{type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a corrupt file, a missing download...: reported, exit 2
+        what = f"model {args.model!r}" if args.model is not None else "the default model"
+        print(f"error: cannot load {what}: {type(err).__name__}: {err}\n"
+              f"(choose a model with --model NAME_OR_PATH: a checkpoint file or folder, or a name from the weights "
+              f"manifest)", file=sys.stderr)
         return 2
 
     from tqdm.auto import tqdm
@@ -410,8 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread: leave signal handling alone
         pass
+    threads = torch.get_num_threads()
     try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         return _run(args)
     finally:
+        torch.set_num_threads(threads)  # main() may be called from a program that has its own setting
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-__all__ = ["ModelConfig", "PRESETS"]
+__all__ = ["ModelConfig", "PRESETS", "FIELD_LIMITS"]
 
 
 @dataclass
@@ -108,7 +108,12 @@ class ModelConfig:
         return self.summary_tokens * self.sample_rate / self.chunk_samples
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent field."""
+        """Raise ``ValueError`` naming the first field of a wrong type, out of range, or inconsistent.
+
+        Types and ranges come first (see ``FIELD_LIMITS``), so a corrupt or hand-edited config is
+        refused with the field's name before a model of absurd size is ever built.
+        """
+        _check_fields(self)
         levels = len(self.channels)
         if levels < 1 or len(self.layers) != levels:
             raise ValueError(f"channels ({self.channels}) and layers ({self.layers}) must have the same "
@@ -130,8 +135,8 @@ class ModelConfig:
             raise ValueError(f"freq_bins ({self.freq_bins}) exceeds n_fft // 2 ({self.n_fft // 2})")
         if self.n_fft % self.hop_length:
             raise ValueError("n_fft must be a multiple of hop_length")
-        if not self.latent_scale > 0:
-            raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -141,22 +146,33 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Dict[str, Any], require_all: bool = False) -> "ModelConfig":
+        """Build a config from a dict of fields.
+
+        Args:
+            data: field name -> value.
+            require_all: every field must be present (as in a checkpoint, which stores all of
+                them): a missing one is an error instead of silently taking the default, which
+                would build a different network than the one the weights belong to.
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        missing = [name for name in known if name not in data]
+        if require_all and missing:
+            raise ValueError(f"missing ModelConfig fields: {missing}")
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str, require_all: bool = False) -> "ModelConfig":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"model config is not valid JSON: {err}") from err
         if not isinstance(data, dict):
             raise ValueError("model config JSON must be an object")
-        return cls.from_dict(data)
+        return cls.from_dict(data, require_all=require_all)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -169,6 +185,68 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Allowed range of every field: scalars (low, high) inclusive; list fields bound each element. The
+# bounds are far beyond any sensible model (the paper's is dim 256, depth 16, 6 levels) but stop a
+# corrupt value such as dim=200000 before it asks for hundreds of gigabytes.
+FIELD_LIMITS: Dict[str, Tuple[type, float, float]] = {
+    "audio_channels": (int, 1, 2),
+    "sample_rate": (int, 1_000, 768_000),
+    "n_fft": (int, 2, 1 << 16),
+    "hop_length": (int, 1, 1 << 16),
+    "freq_bins": (int, 1, 1 << 15),
+    "spec_alpha": (float, 1e-3, 1.0),
+    "spec_beta": (float, 1e-6, 1e3),
+    "chunk_frames": (int, 1, 4096),
+    "summary_tokens": (int, 1, 4096),
+    "latent_dim": (int, 1, 8192),
+    "latent_scale": (float, 1e-6, 1e6),
+    "channels": (int, 1, 8192),
+    "layers": (int, 0, 64),
+    "freq_down": (int, 1, 1024),
+    "time_down": (int, 1, 1024),
+    "dim": (int, 1, 8192),
+    "depth": (int, 1, 256),
+    "heads": (int, 1, 256),
+    "mlp_ratio": (int, 1, 64),
+    "norm_groups": (int, 1, 4096),
+    "noise_embed_dim": (int, 2, 8192),
+    "cond_dim": (int, 1, 8192),
+    "sigma_min": (float, 1e-9, 1e6),
+    "sigma_max": (float, 1e-9, 1e6),
+    "sigma_data": (float, 1e-9, 1e6),
+    "rho": (float, 1e-3, 1e3),
+}
+_LIST_FIELDS = ("channels", "layers", "freq_down", "time_down")
+_MAX_LEVELS = 16
+
+
+def _check_value(name: str, value: Any, kind: type, low: float, high: float) -> Any:
+    """``value`` checked against (kind, low, high); ints are accepted for float fields."""
+    allowed = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"ModelConfig field {name} must be {'a number' if kind is float else 'an integer'}, "
+                         f"got {value!r} ({type(value).__name__})")
+    if not low <= value <= high:  # also false for NaN
+        raise ValueError(f"ModelConfig field {name}={value!r} is out of range: it must be between {low:g} and {high:g}")
+    return kind(value)
+
+
+def _check_fields(config: "ModelConfig") -> None:
+    """Type- and range-check every field in place (ints become floats, tuples lists)."""
+    for f in dataclasses.fields(config):
+        kind, low, high = FIELD_LIMITS[f.name]
+        value = getattr(config, f.name)
+        if f.name in _LIST_FIELDS:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"ModelConfig field {f.name} must be a list of integers, got {value!r}")
+            if len(value) > _MAX_LEVELS:
+                raise ValueError(f"ModelConfig field {f.name} has {len(value)} entries; at most {_MAX_LEVELS}")
+            checked: Any = [_check_value(f"{f.name}[{i}]", v, kind, low, high) for i, v in enumerate(value)]
+        else:
+            checked = _check_value(f.name, value, kind, low, high)
+        setattr(config, f.name, checked)
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

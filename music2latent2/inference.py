@@ -11,6 +11,7 @@ samples, the span the latents stand for.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator, Optional, Tuple, Union
@@ -18,8 +19,9 @@ from typing import Any, ContextManager, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .audio import AudioLike, check_finite, load_audio, resample, to_float_array
+from .audio import AudioLike, check_finite, check_sample_rate, check_time_last, load_audio, resample, to_float_array
 from .config import ModelConfig
+from .devices import DeviceLike, resolve_device
 from .model import Music2Latent2
 from .sampling import iter_autoregressive, iter_parallel, map_batches
 from .spectral import pad_for_chunks
@@ -27,6 +29,10 @@ from .spectral import pad_for_chunks
 __all__ = ["EncoderDecoder"]
 
 DECODE_MODES = ("autoregressive", "parallel")
+
+# The encoder's outputs lie within +-latent_scale (a tanh, scaled). Generated latents may overshoot
+# somewhat; beyond this many times the scale they are a mistake (and 1e30 overflows to NaN audio).
+LATENT_RANGE_FACTOR = 10.0
 
 PRECISIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -52,13 +58,22 @@ def _parse_precision(precision: Union[str, torch.dtype]) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def _check_batch_size(size: object) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise TypeError(f"max_batch_size must be an integer, got {size!r} ({type(size).__name__})")
+    if size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {size}")
+    return int(size)
+
+
 class EncoderDecoder:
     """Encode audio to Music2Latent2 latents and decode latents back to audio.
 
     Args:
         model: a :class:`Music2Latent2` module, a manifest name, a local checkpoint file or
             directory, or None for the default pretrained model.
-        device: where to run; default CUDA when available, else CPU.
+        device: where to run ("cpu", "cuda", "cuda:1", "mps", a torch.device); default CUDA when
+            available, else CPU. A device this machine lacks is a ``ValueError`` before any loading.
         precision: "float32" (default), "bfloat16" or "float16": autocast on the model's device
             type for the network; spectral transforms always run in float32.
         max_batch_size: default for ``encode``/``decode``: chunks (encode) or sequences (decode;
@@ -70,20 +85,17 @@ class EncoderDecoder:
     """
 
     def __init__(self, model: Union[Music2Latent2, str, os.PathLike, None] = None,
-                 device: Union[str, torch.device, None] = None, precision: Union[str, torch.dtype] = "float32",
+                 device: DeviceLike = None, precision: Union[str, torch.dtype] = "float32",
                  max_batch_size: int = 32, compile: bool = False) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        # Cheap argument checks first: a typo should not cost a checkpoint read.
+        self.device = resolve_device(device)
+        self.precision = _parse_precision(precision)
+        self.max_batch_size = _check_batch_size(max_batch_size)
         if not isinstance(model, Music2Latent2):
             from .hub import load_model
 
             model = load_model(model)
         self.model = model.to(self.device).eval()
-        self.precision = _parse_precision(precision)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.max_batch_size = max_batch_size
         self.compile = bool(compile)
         # Pad every batch to max_batch_size rows (static shapes); on whenever compiled.
         self.static_shapes = self.compile
@@ -115,10 +127,7 @@ class EncoderDecoder:
         return torch.autocast(device_type=self.device.type, dtype=self.precision)
 
     def _batch_size(self, max_batch_size: Optional[int]) -> int:
-        size = self.max_batch_size if max_batch_size is None else max_batch_size
-        if size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {size}")
-        return size
+        return self.max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
 
     # ----------------------------------------------------------------- input handling
     def _prepare_audio(self, audio: AudioLike, sr: int) -> _Batch:
@@ -131,8 +140,8 @@ class EncoderDecoder:
             ndim, device = wav.ndim, wav.device
             if ndim not in (1, 2, 3):
                 raise ValueError(f"audio must have shape (T,), (C, T) or (B, C, T); got {tuple(wav.shape)}")
-        if not isinstance(sr, (int, np.integer)) or sr <= 0:
-            raise ValueError(f"sr must be a positive integer, got {sr!r}")
+            check_time_last(tuple(wav.shape))
+            sr = check_sample_rate(sr)
         check_finite(wav)
         wav = wav.reshape((1, 1) + tuple(wav.shape[-1:]) if ndim == 1 else (-1,) + tuple(wav.shape[-2:]))
         if wav.shape[-1] == 0:
@@ -229,6 +238,13 @@ class EncoderDecoder:
             raise ValueError(f"latent length must be a positive multiple of K={cfg.summary_tokens}; "
                              f"got {z.shape[-1]}")
         check_finite(z, "latents")
+        limit = LATENT_RANGE_FACTOR * cfg.latent_scale
+        peak = float(z.abs().max())
+        if peak > limit:
+            raise ValueError(f"latents reach {peak:.3g}, far outside this model's range: its encoder gives values "
+                             f"within +-{cfg.latent_scale:.3g} (tanh x latent_scale, about unit standard deviation) "
+                             f"and decode refuses anything beyond +-{limit:.3g}. Were they scaled twice, or made "
+                             "for another model?")
         return _Batch(z.float().to(self.device), z.ndim, kind, z.device)
 
     @torch.inference_mode()
@@ -248,8 +264,9 @@ class EncoderDecoder:
         at batch 1, so there it is slower. The output differs from autoregressive mode's.
 
         Args:
-            latents: (C, d_lat, L) or (B, C, d_lat, L), as :meth:`encode` returns.
-            length: samples to return (<= chunks * 32768); default all of them.
+            latents: (C, d_lat, L) or (B, C, d_lat, L), as :meth:`encode` returns; values beyond
+                ``LATENT_RANGE_FACTOR * config.latent_scale`` in magnitude are refused.
+            length: samples to return, an integer (<= chunks * 32768); default all of them.
             max_batch_size: sequences (channels x batch items) per model evaluation; in parallel
                 mode, windows (sequences x chunks) per evaluation.
             denoising_steps: consistency steps per chunk (1 = the paper's).
@@ -269,13 +286,17 @@ class EncoderDecoder:
         b, c = z.shape[:2]
         chunks = z.shape[-1] // cfg.summary_tokens
         total = chunks * cfg.chunk_samples
+        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer))):
+            raise TypeError(f"length must be an integer number of samples, got {length!r} ({type(length).__name__})")
         length = total if length is None else int(length)
         if not 0 < length <= total:
             raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
+        if isinstance(denoising_steps, bool) or not isinstance(denoising_steps, (int, np.integer)):
+            raise TypeError(f"denoising_steps must be an integer, got {denoising_steps!r}")
         if denoising_steps < 1:
             raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
-        if not sigma_cond >= 0:
-            raise ValueError(f"sigma_cond must be >= 0, got {sigma_cond}")
+        if not (isinstance(sigma_cond, (int, float, np.number)) and 0 <= sigma_cond < math.inf):
+            raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
 

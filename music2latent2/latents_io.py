@@ -18,18 +18,21 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .audio import check_sample_rate
+from .fileio import atomic_write, safetensors_problem
 
 __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentMetadata", "save_latents",
            "load_latents"]
 
 LATENT_FORMAT = "music2latent2-latents"
-LATENT_FORMAT_VERSION = "1"
+LATENT_FORMAT_VERSION = "2"
+# Version 2 added model_audio_channels; version-1 files are still read (see load_latents).
+READABLE_VERSIONS = ("1", "2")
 TENSOR_NAME = "latents"
 
 
@@ -52,6 +55,9 @@ class LatentMetadata:
         chunk_samples: samples per chunk at ``model_sample_rate`` (32,768).
         model_name: the model name or checkpoint path the latents were made with.
         model_sha256: sha256 of that checkpoint's ``model.safetensors`` ("" if unknown).
+        model_audio_channels: audio channels of the model that made the latents (1 mono: one
+            latent sequence per audio channel; 2 stereo: one sequence for both), None if unknown.
+            Decoding with a model of the other kind would give the wrong number of channels.
         extra: free-form string fields (e.g. ``source``, the input's relative path).
     """
 
@@ -65,6 +71,7 @@ class LatentMetadata:
     chunk_samples: int = 32768
     model_name: str = ""
     model_sha256: str = ""
+    model_audio_channels: Optional[int] = None
     extra: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +82,14 @@ class LatentMetadata:
                 raise LatentFileError(f"metadata {name} must be a positive integer, got {value!r}")
         if not float(self.latent_scale) > 0:
             raise LatentFileError(f"metadata latent_scale must be positive, got {self.latent_scale!r}")
+        for name in ("sample_rate", "model_sample_rate"):
+            try:
+                check_sample_rate(getattr(self, name), f"metadata {name}")
+            except ValueError as err:
+                raise LatentFileError(str(err)) from None
+        if self.model_audio_channels not in (None, 1, 2):
+            raise LatentFileError("metadata model_audio_channels must be 1, 2 or None, "
+                                  f"got {self.model_audio_channels!r}")
 
     @property
     def duration(self) -> float:
@@ -85,6 +100,8 @@ class LatentMetadata:
         """The safetensors metadata dict (str -> str), format tag and version included."""
         out = {f"extra.{k}": str(v) for k, v in self.extra.items()}
         for f in dataclasses.fields(self):
+            if f.name == "model_audio_channels" and self.model_audio_channels is None:
+                continue
             if f.name != "extra":
                 out[f.name] = repr(float(self.latent_scale)) if f.name == "latent_scale" else str(getattr(self, f.name))
         out.update({"format": LATENT_FORMAT, "format_version": LATENT_FORMAT_VERSION})
@@ -95,9 +112,9 @@ class LatentMetadata:
         """Parse :meth:`to_strings` output; raises :class:`LatentFileError` naming what is wrong."""
         if meta.get("format") != LATENT_FORMAT:
             raise LatentFileError(f"{where} is not a music2latent2 latent file (format={meta.get('format')!r})")
-        if meta.get("format_version") != LATENT_FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise LatentFileError(f"{where} has latent format version {meta.get('format_version')!r}; "
-                                  f"this library reads {LATENT_FORMAT_VERSION!r}")
+                                  f"this library reads versions {', '.join(READABLE_VERSIONS)}: upgrade music2latent2")
         kwargs: Dict[str, object] = {}
         for f in dataclasses.fields(cls):
             if f.name == "extra":
@@ -145,18 +162,26 @@ def save_latents(path: Union[str, os.PathLike], latents: Union[np.ndarray, torch
 def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetadata]:
     """Read a ``.m2l`` file.
 
+    Version-1 files (before ``model_audio_channels`` was recorded) are read too; their
+    ``model_audio_channels`` is inferred from the shape where it is unambiguous (C = 1 for a
+    multi-channel original: stereo model; C = channels >= 2: mono model), else left None.
+
     Returns:
         (latents (C, d_lat, L) float32 numpy array, :class:`LatentMetadata`).
 
     Raises:
-        LatentFileError: missing/unreadable file, wrong format or version, or a tensor shape that
-            disagrees with the metadata.
+        LatentFileError: missing/unreadable file or not a latent file at all, wrong format or
+            version, or a tensor shape or length that disagrees with the metadata.
     """
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
     if not p.is_file():
         raise LatentFileError(f"latent file not found: {p}")
+    problem = safetensors_problem(p)
+    if problem:
+        raise LatentFileError(f"cannot read {p}: it is not a music2latent2 latent file (.m2l, made by "
+                              f"'music2latent2 encode' or save_latents): {problem}")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -166,6 +191,10 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetad
     except (SafetensorError, OSError, RuntimeError) as err:
         raise LatentFileError(f"cannot read latent file {p}: {err}") from err
     metadata = LatentMetadata.from_strings(meta, where=f"latent file {p}")
+    if meta.get("format_version") == "1":  # before model_audio_channels: infer it where the shape tells
+        c = tensor.shape[0] if tensor.ndim == 3 else 0
+        inferred = 2 if c == 1 and metadata.channels >= 2 else 1 if c == metadata.channels >= 2 else None
+        metadata = dataclasses.replace(metadata, model_audio_channels=inferred)
     _check_shape(tuple(tensor.shape), metadata, f"latent file {p}")
     return tensor.float().numpy(), metadata
 
@@ -176,3 +205,16 @@ def _check_shape(shape: Tuple[int, ...], meta: LatentMetadata, where: str) -> No
     if shape[0] == 0 or shape[2] == 0 or shape[2] % meta.summary_tokens:
         raise LatentFileError(f"{where}: C must be >= 1 and L a positive multiple of K={meta.summary_tokens}; "
                               f"got shape {shape}")
+    if meta.model_audio_channels == 2 and shape[0] != 1:
+        raise LatentFileError(f"{where}: a stereo model gives one latent sequence per signal, but the tensor has "
+                              f"{shape[0]} (shape {shape})")
+    if meta.model_audio_channels == 1 and shape[0] != meta.channels:
+        raise LatentFileError(f"{where}: a mono model gives one latent sequence per audio channel "
+                              f"(channels={meta.channels}), but the tensor has {shape[0]} (shape {shape})")
+    covered = (shape[2] // meta.summary_tokens) * meta.chunk_samples
+    # A few samples of slack for resampler rounding; beyond that the length is corrupt, and decoding
+    # would pad the output to it (length=10**15 would ask for petabytes).
+    if meta.length * meta.model_sample_rate > (covered + 4) * meta.sample_rate:
+        raise LatentFileError(f"{where}: metadata length {meta.length} samples at {meta.sample_rate} Hz "
+                              f"({meta.duration:.3f} s) is longer than the {shape[2] // meta.summary_tokens} chunks "
+                              f"of latents cover ({covered / meta.model_sample_rate:.3f} s)")

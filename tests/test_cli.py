@@ -152,11 +152,11 @@ def test_bad_inputs_are_reported_and_skipped(dataset: Path, model_dir: Path, tmp
         cli.main(["encode", str(data), "-o", str(tmp_path / "x"), "--shard", "2/2"])
     assert exit_info.value.code == 2
     assert not (tmp_path / "x").exists()
-    # A model that cannot be put on the device is a usage error (2), not a failed input (1).
+    # A device that does not exist is a usage error (2), not a failed input (1), and is named as the option.
     (data / "good1.flac").unlink()
     assert cli.main(["encode", str(data), "-o", str(tmp_path / "x"), "--model", str(model_dir),
                      "--device", "no-such-device", "-q"]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+    assert "--device: device 'no-such-device'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -51,7 +51,8 @@ def test_save_rejects_inconsistent_latents(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="floating"):
         save_latents(tmp_path / "a.m2l", np.zeros((1, 64, 8), np.int32), _meta())
     with pytest.raises(ValueError, match="NaN"):
-        save_latents(tmp_path / "a.m2l", np.full((1, 64, 8), np.nan, np.float32), _meta())
+        # 3 chunks: enough to cover the metadata's 1.3 s, so the NaN check is what refuses it.
+        save_latents(tmp_path / "a.m2l", np.full((1, 64, 24), np.nan, np.float32), _meta())
     with pytest.raises(LatentFileError, match="length"):
         _meta(length=0)
     assert list(tmp_path.iterdir()) == []
