@@ -144,8 +144,10 @@ def _check_tensors(path: Path, expected: Dict[str, torch.Tensor]) -> None:
     reading only the file's header."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            slices = {k: f.get_slice(k) for k in f.keys()}
-            found = {k: (tuple(t.get_shape()), str(t.get_dtype())) for k, t in slices.items()}
+            found = {}
+            for k in f.keys():
+                header = f.get_slice(k)
+                found[k] = (tuple(header.get_shape()), str(header.get_dtype()))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     missing = sorted(set(expected) - set(found))

@@ -80,21 +80,22 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
-def _int_at_least(text: str, low: int) -> int:
+def _parse_int(text: str, what: str = "an integer") -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def _int_at_least(text: str, low: int) -> int:
+    value = _parse_int(text)
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
     return value
 
 
 def _sample_rate(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer number of Hz, got {text!r}") from None
+    value = _parse_int(text, "an integer number of Hz")
     try:
         return check_sample_rate(value, "rate")
     except ValueError as err:
@@ -278,16 +279,18 @@ class Runner:
             print(f"warning: latents were made with model sha256 {meta.model_sha256[:12]}..., decoding with "
                   f"{self.model_sha[:12]}...", file=sys.stderr)
             self._warned_sha = True
+        # Known before any decoding: a stereo model gives 2 channels per sequence, a mono model 1.
+        out_channels = latents.shape[0] * cfg.audio_channels
+        downmix = meta.channels == 1 and cfg.audio_channels == 2 and out_channels == 2  # mono input, stereo model
+        if out_channels != meta.channels and not downmix:  # never write another channel count than the original's
+            raise ValueError(f"these latents ({latents.shape[0]} sequences) would decode to {out_channels} channels "
+                             f"with this {cfg.audio_channels}-channel model, but the original had {meta.channels}")
         chunks = latents.shape[-1] // cfg.summary_tokens
         n_model = min(math.ceil(meta.length * cfg.sample_rate / meta.sample_rate), chunks * cfg.chunk_samples)
         wav = self.encdec.decode(torch.from_numpy(latents), length=n_model, denoising_steps=self.args.denoising_steps,
                                  seed=self.args.seed)  # (C_out, n_model), seeded per file
-        if wav.shape[0] != meta.channels and meta.channels == 1:  # mono input through a stereo model
+        if downmix:
             wav = wav.mean(dim=0, keepdim=True)
-        if wav.shape[0] != meta.channels:  # never write a file with a different channel count than the original
-            raise ValueError(f"decoding gave {wav.shape[0]} channels but the original had {meta.channels}: "
-                             f"the latents ({latents.shape[0]} sequences) do not fit this "
-                             f"{cfg.audio_channels}-channel model")
         sr = self.args.sr or meta.sample_rate
         length = meta.length if sr == meta.sample_rate else math.ceil(meta.length * sr / meta.sample_rate)
         wav = _fit_length(resample(wav.float().cpu(), cfg.sample_rate, sr), length)

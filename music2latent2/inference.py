@@ -58,12 +58,19 @@ def _parse_precision(precision: Union[str, torch.dtype]) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def _require_int(value: object, what: str) -> int:
+    """``value`` as an int, else a TypeError starting with ``what``. Floats such as 1.7 and bools are
+    refused rather than truncated by int()."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _check_batch_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise TypeError(f"max_batch_size must be an integer, got {size!r} ({type(size).__name__})")
+    size = _require_int(size, "max_batch_size must be an integer")
     if size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {size}")
-    return int(size)
+    return size
 
 
 class EncoderDecoder:
@@ -286,13 +293,10 @@ class EncoderDecoder:
         b, c = z.shape[:2]
         chunks = z.shape[-1] // cfg.summary_tokens
         total = chunks * cfg.chunk_samples
-        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer))):
-            raise TypeError(f"length must be an integer number of samples, got {length!r} ({type(length).__name__})")
-        length = total if length is None else int(length)
+        length = total if length is None else _require_int(length, "length must be an integer number of samples")
         if not 0 < length <= total:
             raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
-        if isinstance(denoising_steps, bool) or not isinstance(denoising_steps, (int, np.integer)):
-            raise TypeError(f"denoising_steps must be an integer, got {denoising_steps!r}")
+        denoising_steps = _require_int(denoising_steps, "denoising_steps must be an integer")
         if denoising_steps < 1:
             raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
         if not (isinstance(sigma_cond, (int, float, np.number)) and 0 <= sigma_cond < math.inf):

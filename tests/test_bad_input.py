@@ -146,7 +146,7 @@ def test_checkpoint_config_is_validated_field_by_field(checkpoint: Path, tmp_pat
         with pytest.raises(CheckpointError, match=f"invalid model config: .*{message}"):
             load_checkpoint(path)
         assert time.perf_counter() - start < 5.0, message  # refused, not built
-    # A config that is valid but belongs to another model (~80 GB at float32): named tensors, nothing allocated.
+    # A config that is valid but belongs to another model (54 GB at float32): named tensors, nothing allocated.
     big = _rewrite(checkpoint, tmp_path / "big.safetensors", config={**config, "dim": 8192, "depth": 8,
                                                                      "cond_dim": 8192, "noise_embed_dim": 8192})
     with pytest.raises(CheckpointError, match="mis-shaped tensors"):
@@ -268,6 +268,18 @@ def test_decode_with_the_other_channel_type_is_refused(encoder: str, decoder: st
     assert sf.info(str(tmp_path / "out.wav")).channels == 2
 
 
+def test_decode_refuses_a_channel_count_before_decoding(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    # Latents saved without model_audio_channels (allowed: None) whose sequence count fits neither kind of model
+    # for the recorded channel count: 2 sequences of a 2-channel original through a stereo model would be 4 channels.
+    lat = save_latents(tmp_path / "lat" / "a.m2l", np.zeros((2, 64, 8), np.float32),
+                       _meta(channels=2, latent_scale=make_tiny().config.latent_scale))
+    monkeypatch.setattr(EncoderDecoder, "decode", lambda *a, **k: pytest.fail("decoded before checking channels"))
+    assert _cli("decode", lat, "-o", tmp_path / "out.wav", "--model", models["stereo"]) == 1
+    assert "would decode to 4 channels with this 2-channel model, but the original had 2" in capsys.readouterr().err
+    assert not (tmp_path / "out.wav").exists()
+
+
 def test_cli_without_model_names_the_option(tmp_path: Path, stereo_wav: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture) -> None:
     empty = tmp_path / "manifest.json"
@@ -379,6 +391,11 @@ def test_mir_probe_checks_labels_before_extracting(tmp_path: Path, monkeypatch: 
     sf.write(flat / "a" / "y.wav", _tone(1000).T, SR)
     assert probe.main([str(flat), "--model", "unused"]) == 2
     assert "found a: 2" in capsys.readouterr().err
+    (flat / "b" / "deeper").mkdir(parents=True)  # files below a class folder count for it
+    sf.write(flat / "b" / "deeper" / "x.wav", _tone(1000).T, SR)
+    sf.write(flat / "b" / "y.wav", _tone(1000).T, SR)
+    assert probe.check_layout(flat) is None
+    assert probe.count_labelled_files(flat) == {"a": 2, "b": 2}
 
 
 def test_cli_threads_option_is_applied_and_restored(models: dict, stereo_wav: Path, tmp_path: Path,
@@ -388,5 +405,9 @@ def test_cli_threads_option_is_applied_and_restored(models: dict, stereo_wav: Pa
     monkeypatch.setattr(cli.Runner, "process", lambda self, job, loaded: seen.append(torch.get_num_threads())
                         or real_process(self, job, loaded))
     before = torch.get_num_threads()
-    assert _cli("encode", stereo_wav, "-o", tmp_path / "a.m2l", "--model", models["mono"], "--threads", "1") == 0
-    assert seen == [1] and torch.get_num_threads() == before
+    torch.set_num_threads(2)  # a setting --threads 1 must change and main() must restore
+    try:
+        assert _cli("encode", stereo_wav, "-o", tmp_path / "a.m2l", "--model", models["mono"], "--threads", "1") == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
