@@ -6,11 +6,12 @@
     >>> wav = encdec.decode(z, length=n)        # (C, n) at 44.1 kHz
 """
 
+from ._version import __version__
 from .config import ModelConfig
+from .hub import ModelSource
 from .inference import EncoderDecoder
 from .latents_io import LatentMetadata, load_latents, save_latents
 from .model import Music2Latent2
 
-__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "LatentMetadata", "save_latents", "load_latents",
-           "__version__"]
-__version__ = "0.1.0"
+__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "ModelSource", "LatentMetadata", "save_latents",
+           "load_latents", "__version__"]

@@ -1,7 +1,11 @@
 """Inference checkpoints: ``model.safetensors`` with the ModelConfig in its metadata.
 
+This module reads and writes (config, tensors) and knows no network class: building a model
+from them is :meth:`~music2latent2.pretrained.PretrainedModule.from_pretrained`'s job, turning a
+name into a local file is :mod:`music2latent2.hub`'s.
+
 No pickles: tensors come from safetensors, the config from JSON in the file's metadata.
-Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
+Reading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Mapping, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,10 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .fileio import atomic_write, safetensors_problem
-from .model import Music2Latent2
 
-__all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "save_checkpoint", "load_checkpoint", "read_metadata",
-           "sha256_file", "verify_sha256", "CheckpointError", "ChecksumMismatchError"]
+__all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "weights_path", "save_checkpoint", "read_metadata", "read_config",
+           "read_tensors", "sha256_file", "verify_sha256", "CheckpointError", "ChecksumMismatchError"]
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
@@ -78,19 +81,21 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
-def _weights_path(path: Union[str, os.PathLike]) -> Path:
+def weights_path(path: Union[str, os.PathLike]) -> Path:
+    """The weights file of a checkpoint path: ``path/model.safetensors`` for a directory, else ``path``."""
     p = Path(path)
     return p / WEIGHTS_NAME if p.is_dir() else p
 
 
-def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: torch.dtype | None = None,
-                    extra_metadata: Dict[str, str] | None = None) -> Path:
-    """Write the model's weights and config atomically (temp file + rename).
+def save_checkpoint(path: Union[str, os.PathLike], config: ModelConfig, tensors: Mapping[str, torch.Tensor],
+                    dtype: torch.dtype | None = None, extra_metadata: Dict[str, str] | None = None) -> Path:
+    """Write a config and its tensors atomically (temp file + rename).
 
     Args:
-        model: the model to save (its ``state_dict`` and ``config``).
         path: a directory (``model.safetensors`` and ``config.json`` are written inside) or a
             ``.safetensors`` file path.
+        config: stored as JSON in the safetensors metadata (and in ``config.json`` for a directory).
+        tensors: a model's ``state_dict``; copied to CPU.
         dtype: store floating-point tensors in this dtype (e.g. torch.float16 to halve the size).
         extra_metadata: more string key/values for the safetensors metadata.
 
@@ -100,24 +105,24 @@ def save_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], dtype: 
     p = Path(path)
     if p.suffix != ".safetensors":
         p.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(p / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         p = p / WEIGHTS_NAME
     p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, t in model.state_dict().items():
+    stored = {}
+    for name, t in tensors.items():
         t = t.detach().cpu()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        tensors[name] = t.contiguous()
-    metadata = {"format": "pt", "music2latent2_format_version": FORMAT_VERSION, "config": model.config.to_json()}
+        stored[name] = t.contiguous()
+    metadata = {"format": "pt", "music2latent2_format_version": FORMAT_VERSION, "config": config.to_json()}
     metadata.update(extra_metadata or {})
-    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(p, lambda tmp: save_file(stored, tmp, metadata=metadata))
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     """The safetensors metadata of a checkpoint, checked for a config and a known format version."""
-    p = _weights_path(path)
+    p = weights_path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     problem = safetensors_problem(p)
@@ -169,47 +174,42 @@ def _check_tensors(path: Path, expected: Dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"checkpoint {path} does not match its config: " + "; ".join(parts))
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
-                    sha256: str | None = None) -> Music2Latent2:
-    """Build a model from a checkpoint file or directory, strictly. Weights load as float32.
-
-    Args:
-        path: a ``.safetensors`` file, or a directory holding ``model.safetensors``.
-        map_location: device the returned model is moved to.
-        sha256: if given, the file's hex sha256 must equal it (checked before anything is parsed).
+def read_config(path: Union[str, os.PathLike]) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint, with every field present, typed and in range.
 
     Raises:
-        CheckpointError: the file is missing, not valid safetensors, has no config, a config
-            with a missing, mistyped or out-of-range field (named), or an unknown format version,
-            or its tensors do not match the config (each missing, unexpected, mis-shaped or
-            non-floating-point tensor is named). ChecksumMismatchError (a subclass) if
-            ``sha256`` is given and differs.
+        CheckpointError: missing or unreadable file, unknown format version, no config, or a
+            config with a missing, mistyped or out-of-range field (named).
     """
-    p = _weights_path(path)
-    if sha256 is not None:
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint not found: {p}")
-        verify_sha256(p, sha256)
+    p = weights_path(path)
     meta = read_metadata(p)
     try:
-        config = ModelConfig.from_json(meta["config"], require_all=True)
+        return ModelConfig.from_json(meta["config"], require_all=True)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint {p} has an invalid model config: {err}") from err
-    # Compare names, shapes and dtypes against a model built on the meta device (no memory) before
-    # reading any tensor data or allocating the real model: a config that disagrees with the file
-    # is reported, not turned into a huge allocation.
-    with torch.device("meta"):
-        expected = dict(Music2Latent2(config).state_dict())
-    _check_tensors(p, expected)
+
+
+def read_tensors(path: Union[str, os.PathLike], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors strictly, floating-point ones as float32, on the CPU.
+
+    Args:
+        path: a ``.safetensors`` file or a directory holding ``model.safetensors``.
+        expected: the tensors the model needs (names, shapes, dtypes), e.g. the ``state_dict`` of
+            the model built on the ``meta`` device: compared with the file's header before any
+            data is read, so a config that disagrees with the file is reported, not turned into
+            a huge allocation.
+
+    Raises:
+        CheckpointError: each missing, unexpected, mis-shaped or non-floating-point tensor is
+            named; non-finite values are named too.
+    """
+    p = weights_path(path)
+    _check_tensors(p, dict(expected))
     try:
         tensors = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
-    model = Music2Latent2(config)
     bad = [k for k, t in tensors.items() if not _all_finite(t)]
     if bad:
         raise CheckpointError(f"checkpoint {p} has non-finite values in {bad[:5]}")
-    # assign=True adopts the loaded tensors instead of copying them into the freshly initialised ones.
-    model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}, strict=True,
-                          assign=True)
-    return model.to(map_location).eval()
+    return {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}

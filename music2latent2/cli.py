@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio, resample
-from .checkpoint import WEIGHTS_NAME, sha256_file
 from .devices import resolve_device
 from .fileio import atomic_write, check_output_dir, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
@@ -130,7 +129,8 @@ def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str)
             raise ValueError(f"input not found: {p}")
     if not pairs:
         raise ValueError(f"no input files found (looked for {', '.join(sorted(exts))})")
-    jobs, seen = [], {}
+    jobs: List[Job] = []
+    seen: Dict[str, Path] = {}
     for src, key in pairs:
         dst = out_path if single_file else out_path / key
         if key in seen:
@@ -138,26 +138,6 @@ def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str)
         seen[key] = src
         jobs.append(Job(src, dst, key))
     return jobs
-
-
-# --------------------------------------------------------------------------- model identity
-def model_identity(model: str | None) -> Tuple[str, str]:
-    """(name as given, sha256 of the checkpoint it resolves to).
-
-    A local file is hashed (once per run); a manifest name (None = the default entry) takes the
-    sha256 the manifest pins, which the hub has already checked while loading it.
-    """
-    if model is not None:
-        p = Path(model)
-        weights = p / WEIGHTS_NAME if p.is_dir() else p
-        if weights.is_file():
-            return model, sha256_file(weights)
-    from .hub import load_manifest
-
-    manifest = load_manifest()
-    name = model if model is not None else manifest.default
-    entry = manifest.models.get(name) if name is not None else None
-    return (model if model is not None else f"default:{name}"), (entry.sha256 if entry else "")
 
 
 # --------------------------------------------------------------------------- loading
@@ -184,10 +164,10 @@ def _prefetch(jobs: Sequence[Job], load: Callable[[Job], Any], workers: int) -> 
         try:
             while True:
                 while len(pending) < 2 * workers:
-                    job = next(it, None)
-                    if job is None:
+                    upcoming = next(it, None)
+                    if upcoming is None:
                         break
-                    pending.append((job, pool.submit(safe, job)))
+                    pending.append((upcoming, pool.submit(safe, upcoming)))
                 if not pending:
                     return
                 job, fut = pending.pop(0)
@@ -252,9 +232,10 @@ class Runner:
 
         self.args = args
         self.encdec = EncoderDecoder(args.model, device=args.device, precision=args.precision,
-                                     max_batch_size=args.batch_size)
+                                     max_batch_size=args.batch_size, revision=args.revision)
         self.cfg = self.encdec.config
-        self.model_name, self.model_sha = model_identity(args.model)  # hashed once per run
+        source = self.encdec.model.source  # name and sha256 of the checkpoint, recorded when it was loaded
+        self.model_name, self.model_sha = (source.name, source.sha256) if source else ("", "")
         self._warned_sha = False
 
     def load(self, job: Job) -> Any:
@@ -340,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("inputs", nargs="+", metavar="IN", help="files or directories (searched recursively)")
         p.add_argument("-o", "--output", required=True, metavar="OUT",
                        help="output directory (input trees are mirrored), or a file name for a single input")
-        p.add_argument("--model", default=None, help="manifest name or checkpoint file/directory")
+        p.add_argument("--model", default=None,
+                       help="manifest name, checkpoint file/directory, or Hugging Face repo id org/name")
+        p.add_argument("--revision", default=None,
+                       help="with a Hugging Face repo id: branch, tag or commit sha (a commit pins it)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
         p.add_argument("--batch-size", type=_positive_int, default=32,
                        help="chunks (encode) or sequences (decode) per forward pass (default 32)")
@@ -437,8 +421,8 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - a corrupt file, a missing download...: reported, exit 2
         what = f"model {args.model!r}" if args.model is not None else "the default model"
         print(f"error: cannot load {what}: {type(err).__name__}: {err}\n"
-              f"(choose a model with --model NAME_OR_PATH: a checkpoint file or folder, or a name from the weights "
-              f"manifest)", file=sys.stderr)
+              f"(choose a model with --model NAME_OR_PATH: a checkpoint file or folder, a name from the weights "
+              f"manifest, or a Hugging Face repo id org/name with --revision)", file=sys.stderr)
         return 2
 
     from tqdm.auto import tqdm

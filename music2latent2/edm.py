@@ -1,4 +1,4 @@
-"""EDM / consistency-model scalings and noise schedules (SPEC section 3)."""
+"""EDM / consistency-model scalings and noise schedules (docs/design.md section 3)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def _create_temp(p: Path) -> str:
     raise FileExistsError(f"could not create a temp file beside {p}")
 
 
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
 
     The temp file keeps ``path``'s suffix (some writers pick the format from it) and starts with

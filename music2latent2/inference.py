@@ -14,7 +14,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator, Optional, Tuple, Union
+from typing import Any, ContextManager, Iterator, Optional, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .devices import DeviceLike, resolve_device
 from .model import Music2Latent2
 from .sampling import iter_autoregressive, iter_parallel, map_batches
-from .spectral import pad_for_chunks
+from .spectral import OverlapAddStream
 
 __all__ = ["EncoderDecoder"]
 
@@ -77,8 +77,9 @@ class EncoderDecoder:
     """Encode audio to Music2Latent2 latents and decode latents back to audio.
 
     Args:
-        model: a :class:`Music2Latent2` module, a manifest name, a local checkpoint file or
-            directory, or None for the default pretrained model.
+        model: a :class:`Music2Latent2` module, or anything
+            :meth:`Music2Latent2.from_pretrained` loads: a local checkpoint file or directory, a
+            manifest name, a Hugging Face repo id ``"org/name"``, or None for the default model.
         device: where to run ("cpu", "cuda", "cuda:1", "mps", a torch.device); default CUDA when
             available, else CPU. A device this machine lacks is a ``ValueError`` before any loading.
         precision: "float32" (default), "bfloat16" or "float16": autocast on the model's device
@@ -89,19 +90,21 @@ class EncoderDecoder:
             the given module) with static shapes, and pad every batch up to ``max_batch_size``
             rows so shapes never change between calls (no recompilation; the first call of each
             shape is slow). Worth it on GPU for long or repeated jobs.
+        revision: with a Hub repo id: the branch, tag or commit sha to load (a commit pins it).
     """
 
     def __init__(self, model: Union[Music2Latent2, str, os.PathLike, None] = None,
                  device: DeviceLike = None, precision: Union[str, torch.dtype] = "float32",
-                 max_batch_size: int = 32, compile: bool = False) -> None:
+                 max_batch_size: int = 32, compile: bool = False, revision: Optional[str] = None) -> None:
         # Cheap argument checks first: a typo should not cost a checkpoint read.
         self.device = resolve_device(device)
         self.precision = _parse_precision(precision)
         self.max_batch_size = _check_batch_size(max_batch_size)
-        if not isinstance(model, Music2Latent2):
-            from .hub import load_model
-
-            model = load_model(model)
+        if isinstance(model, Music2Latent2):
+            if revision is not None:
+                raise ValueError("revision= selects a Hugging Face repo revision; it cannot apply to a loaded module")
+        else:
+            model = Music2Latent2.from_pretrained(model, revision=revision)
         self.model = model.to(self.device).eval()
         self.compile = bool(compile)
         # Pad every batch to max_batch_size rows (static shapes); on whenever compiled.
@@ -113,7 +116,7 @@ class EncoderDecoder:
                 if hasattr(part, "compile"):  # nn.Module.compile: torch >= 2.2
                     part.compile(dynamic=False)
                 else:
-                    part.forward = torch.compile(part.forward, dynamic=False)  # type: ignore[method-assign]
+                    part.forward = torch.compile(part.forward, dynamic=False)  # type: ignore[method-assign, assignment]
 
     # ----------------------------------------------------------------- properties
     @property
@@ -176,6 +179,15 @@ class EncoderDecoder:
         return x.to(device)
 
     # ----------------------------------------------------------------- encode
+    # numpy arrays and file paths give numpy, tensors give tensors: the overloads tell type checkers.
+    @overload
+    def encode(self, audio: Union[str, os.PathLike, np.ndarray], sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ...) -> np.ndarray: ...
+
+    @overload
+    def encode(self, audio: torch.Tensor, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ...) -> torch.Tensor: ...
+
     @torch.inference_mode()
     def encode(self, audio: AudioLike, sr: int = 44100, extract_features: bool = False,
                max_batch_size: Optional[int] = None) -> Union[np.ndarray, torch.Tensor]:
@@ -207,9 +219,8 @@ class EncoderDecoder:
     def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(S, ac, T) waveforms -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
         cfg = self.config
-        padded, chunks = pad_for_chunks(seqs, cfg.chunk_samples, cfg.n_fft, cfg.hop_length)
-        span = cfg.chunk_samples + cfg.n_fft - cfg.hop_length  # samples behind one chunk's frames
-        windows = padded.unfold(-1, span, cfg.chunk_samples)  # (S, ac, chunks, span), a view
+        padded, chunks = self.model.geometry.pad(seqs)
+        windows = self.model.geometry.windows(padded)  # (S, ac, chunks, span), a view
         s = seqs.shape[0]
         index = torch.arange(s * chunks, device=seqs.device)
 
@@ -253,6 +264,16 @@ class EncoderDecoder:
                              f"and decode refuses anything beyond +-{limit:.3g}. Were they scaled twice, or made "
                              "for another model?")
         return _Batch(z.float().to(self.device), z.ndim, kind, z.device)
+
+    @overload
+    def decode(self, latents: np.ndarray, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
+               denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
+               generator: Optional[torch.Generator] = ..., mode: str = ...) -> np.ndarray: ...
+
+    @overload
+    def decode(self, latents: torch.Tensor, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
+               denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
+               generator: Optional[torch.Generator] = ..., mode: str = ...) -> torch.Tensor: ...
 
     @torch.inference_mode()
     def decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int] = None,
@@ -313,35 +334,29 @@ class EncoderDecoder:
                              pad=self.static_shapes)
             wav = self._assemble(stream, b * c, chunks)
         # Reshape the contiguous buffer first, then crop: both are views, no copy of the audio.
-        wav = wav.reshape(b, c * cfg.audio_channels, -1)[..., cfg.n_fft // 2: cfg.n_fft // 2 + length]
+        wav = self.model.geometry.crop(wav.reshape(b, c * cfg.audio_channels, -1), length)
         return self._give_back(wav, 3 if batch.ndim == 4 else 2, batch.kind, batch.device)
 
     def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int) -> torch.Tensor:
         """Overlap-add finished spectrogram chunks into the padded waveform (S, ac, samples).
 
-        Chunk t's frames reach ``n_fft - hop`` samples past its own span, so once chunk t is
-        added, samples ``[t * chunk_samples, (t + 1) * chunk_samples)`` are complete and are
-        divided by the window envelope in place right away. Every such region has the envelope of
-        a two-chunk sequence (the first region that of its first chunk), so only a two-chunk
-        envelope is ever built: the output buffer is the only allocation that grows with length.
+        Each chunk's finished samples go straight into one preallocated buffer (see
+        :class:`~music2latent2.spectral.OverlapAddStream`): it is the only allocation that grows
+        with the audio's length.
         """
-        cfg = self.config
-        spectral = self.model.spectral
-        cs = cfg.chunk_samples
-        span = cs + cfg.n_fft - cfg.hop_length
-        out = torch.zeros(sequences, cfg.audio_channels, chunks * cs + cfg.n_fft - cfg.hop_length, device=self.device)
+        geometry = self.model.geometry
+        cs = geometry.chunk_samples
+        out = torch.empty(sequences, self.config.audio_channels, geometry.span(chunks), device=self.device)
         no_autocast = torch.autocast(device_type=self.device.type, enabled=False)
         with no_autocast:
-            env = spectral.window_envelope(2 * cfg.chunk_frames, self.device).clamp_min(1e-3)  # (2cs + n_fft - hop,)
+            ola = OverlapAddStream(self.model.spectral, geometry, self.device)
         # The sampler is a generator: its model calls run while this loop pulls the next chunk,
         # so the loop itself stays under the caller's autocast and only the overlap-add opts out.
         for t, spec in stream:
             with no_autocast:
-                start = t * cs
-                out[..., start:start + span] += spectral.overlap_add_frames(spectral.frames(spec.float()))
-                out[..., start:start + cs] /= env[:cs] if t == 0 else env[cs:2 * cs]
+                out[..., t * cs:(t + 1) * cs] = ola.push(spec)
         with no_autocast:
-            out[..., chunks * cs:] /= env[2 * cs:]
+            out[..., chunks * cs:] = ola.flush()
         return out
 
     def __repr__(self) -> str:

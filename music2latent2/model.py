@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,7 +11,8 @@ from .config import ModelConfig
 from .edm import consistency_scalings
 from .modules import NoiseEmbedding, TransformerBlock, sinusoidal_positions
 from .patchify import DePatchifier, Patchifier
-from .spectral import SpectralTransform
+from .pretrained import PretrainedModule
+from .spectral import ChunkGeometry, SpectralTransform
 
 __all__ = ["Encoder", "Decoder", "ConsistencyModel", "Music2Latent2"]
 
@@ -114,9 +113,10 @@ class ConsistencyModel(nn.Module):
         self.window_pos = nn.Parameter(torch.randn(max_window, dim) * 0.02)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, conditioned=True) for _ in range(depth))
         # One projection noise -> (6 block modulations + final shift/scale), shared by all blocks.
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 8 * dim))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        ada_out = nn.Linear(cond_dim, 8 * dim)
+        nn.init.zeros_(ada_out.weight)
+        nn.init.zeros_(ada_out.bias)
+        self.ada = nn.Sequential(nn.SiLU(), ada_out)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.token_out = nn.Linear(dim, channels[-1])
         self.depatchifier = DePatchifier(spec_channels, channels, layers, freq_down, time_down, freq_bins,
@@ -155,25 +155,27 @@ class ConsistencyModel(nn.Module):
         return denoised.view_as(x_noisy)
 
 
-class Music2Latent2(nn.Module):
-    """The whole autoencoder. Build from a :class:`ModelConfig`; see ``EncoderDecoder`` for the
+class Music2Latent2(PretrainedModule):
+    """The whole autoencoder. Build from a :class:`ModelConfig`, or load with :meth:`from_pretrained`
+    (see :class:`~music2latent2.pretrained.PretrainedModule`); ``EncoderDecoder`` is the
     user-facing API that handles audio, padding, batching and latent scaling."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config
-        conv = dict(channels=c.channels, layers=c.layers, freq_down=c.freq_down, time_down=c.time_down,
-                    freq_bins=c.freq_bins, norm_groups=c.norm_groups)
-        trans = dict(dim=c.dim, depth=c.depth, heads=c.heads, mlp_ratio=c.mlp_ratio)
         self.spectral = SpectralTransform(c.n_fft, c.hop_length, c.freq_bins, c.spec_alpha, c.spec_beta)
-        self.encoder = Encoder(c.spec_channels, tokens_per_chunk=c.tokens_per_chunk, summary_tokens=c.summary_tokens,
-                               latent_dim=c.latent_dim, **conv, **trans)
-        self.decoder = Decoder(token_grid=c.token_grid, summary_tokens=c.summary_tokens, latent_dim=c.latent_dim,
-                               **conv, **trans)
-        self.consistency = ConsistencyModel(c.spec_channels, token_grid=c.token_grid,
+        self.geometry = ChunkGeometry.from_config(c)
+        self.encoder = Encoder(c.spec_channels, c.channels, c.layers, c.freq_down, c.time_down, c.freq_bins,
+                               c.norm_groups, tokens_per_chunk=c.tokens_per_chunk, summary_tokens=c.summary_tokens,
+                               latent_dim=c.latent_dim, dim=c.dim, depth=c.depth, heads=c.heads, mlp_ratio=c.mlp_ratio)
+        self.decoder = Decoder(c.channels, c.layers, c.freq_down, c.time_down, c.freq_bins, c.norm_groups,
+                               token_grid=c.token_grid, summary_tokens=c.summary_tokens, latent_dim=c.latent_dim,
+                               dim=c.dim, depth=c.depth, heads=c.heads, mlp_ratio=c.mlp_ratio)
+        self.consistency = ConsistencyModel(c.spec_channels, c.channels, c.layers, c.freq_down, c.time_down,
+                                            c.freq_bins, c.norm_groups, token_grid=c.token_grid, dim=c.dim,
+                                            depth=c.depth, heads=c.heads, mlp_ratio=c.mlp_ratio,
                                             noise_embed_dim=c.noise_embed_dim, cond_dim=c.cond_dim,
-                                            sigma_min=c.sigma_min, sigma_data=c.sigma_data, **conv, **trans)
+                                            sigma_min=c.sigma_min, sigma_data=c.sigma_data)
 
     @property
     def device(self) -> torch.device:
@@ -193,38 +195,6 @@ class Music2Latent2(nn.Module):
     def denoise(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cross: Sequence[torch.Tensor]) -> torch.Tensor:
         """One consistency-model evaluation; see :meth:`ConsistencyModel.forward`."""
         return self.consistency(x_noisy, sigma, cross)
-
-    def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
-        """Write ``model.safetensors`` (config and format version in its metadata) and ``config.json``.
-
-        Args:
-            directory: created if missing; a path ending in ``.safetensors`` writes just that file.
-            dtype: store floating-point weights in this dtype (e.g. torch.float16); they load as float32.
-
-        Returns:
-            The path of the written ``.safetensors`` file (written atomically: temp file + rename).
-        """
-        from .checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, os.PathLike, None] = None) -> "Music2Latent2":
-        """Load a model from a local checkpoint or a released one by manifest name (None = the default).
-
-        A local ``.safetensors`` file or a directory holding ``model.safetensors`` is loaded directly;
-        a name from ``weights_manifest.json`` is taken from the Hugging Face cache, downloaded at its
-        pinned commit, or found bundled in the package, and its sha256 is checked before loading
-        (see :mod:`music2latent2.hub`). Loading is strict and uses no pickles.
-
-        Raises:
-            music2latent2.hub.WeightsNotAvailableError: no weights released yet / none reachable
-                (the message lists what was tried and how to fix it).
-            music2latent2.checkpoint.CheckpointError: corrupt, mismatched or sha256-failing file.
-        """
-        from .hub import load_model
-
-        return load_model(name_or_path)
 
     def extra_repr(self) -> str:
         return f"params={self.num_parameters() / 1e6:.1f}M"

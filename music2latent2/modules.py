@@ -45,13 +45,15 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(group_count(out_channels, norm_groups), out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
+        assert self.conv2.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.ada = None
         if cond_dim > 0:
-            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_channels))
-            nn.init.zeros_(self.ada[1].weight)
-            nn.init.zeros_(self.ada[1].bias)
+            proj = nn.Linear(cond_dim, 2 * out_channels)
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+            self.ada = nn.Sequential(nn.SiLU(), proj)
 
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, C_in, F, T), cond (B, cond_dim) -> (B, C_out, F, T)."""
@@ -113,9 +115,10 @@ class SigmaFreqGain(nn.Module):
 
     def __init__(self, cond_dim: int, freq_bins: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, freq_bins))
-        nn.init.zeros_(self.mlp[1].weight)
-        nn.init.zeros_(self.mlp[1].bias)
+        proj = nn.Linear(cond_dim, freq_bins)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        self.mlp = nn.Sequential(nn.SiLU(), proj)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, C, F, T), cond (B, cond_dim)."""

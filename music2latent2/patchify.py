@@ -9,7 +9,7 @@ spectrogram.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class Patchifier(nn.Module):
         for level, blocks in enumerate(self.levels):
             if cross is not None:
                 h = h + cross[level]
-            for block in blocks:
+            for block in cast(nn.ModuleList, blocks):
                 h = block(h, cond)
             skips.append(h)
             if level < len(self.downs):
@@ -115,7 +115,7 @@ class DePatchifier(nn.Module):
         for level in range(len(self.levels) - 1, -1, -1):
             if skips is not None:
                 h = h + skips[level]
-            for block in self.levels[level]:
+            for block in cast(nn.ModuleList, self.levels[level]):
                 h = block(h, cond)
             feats[level] = h
             if level > 0:

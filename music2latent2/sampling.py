@@ -62,8 +62,8 @@ def map_batches(fn: Callable[..., Out], max_batch_size: Optional[int], *args: to
     if len(parts) == 1:
         return parts[0]
     if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts)  # type: ignore[return-value]
-    return [torch.cat(level) for level in zip(*parts)]  # type: ignore[return-value]
+        return torch.cat(parts)
+    return [torch.cat(level) for level in zip(*parts)]
 
 
 def _window_cross(prev: List[torch.Tensor], cur: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -104,7 +104,7 @@ def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond:
                         denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
                         max_batch_size: Optional[int] = None, pad: bool = False,
                         ) -> Iterator[Tuple[int, torch.Tensor]]:
-    """The paper's two-step autoregressive decoding (SPEC section 5).
+    """The paper's two-step autoregressive decoding (paper IV-4; docs/design.md section 5).
 
     Chunk 0 is denoised alone in one step from sigma_max. For t > 0 the window
     ``[x_{t-1} + sigma_cond * eps, sigma_max * eps']`` is evaluated once: it yields chunk t and a
@@ -238,10 +238,10 @@ def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float
             past_cross = [torch.cat(level, dim=1)[:, :n2] for level in zip(*ctx_cross)]
             cur_cross = [c[:, g - n2:] for c in cross]
             window_cross = [torch.stack([p, c], dim=2).flatten(0, 2) for p, c in zip(past_cross, cur_cross)]
-            cur = None
+            cur: Optional[torch.Tensor] = None
             for step in range(len(levels)):
                 x = torch.stack([f[step] for f in fresh], dim=1)
-                if step > 0:
+                if cur is not None:  # every step after the first
                     x = cur + x  # re-noise the current estimate to the next lower level
                 past = past_est + torch.stack([c[step] for c in cond], dim=1)
                 out = _evaluate(model, torch.stack([flat(past), flat(x)], dim=1), pairs[step][:s_count * n2],

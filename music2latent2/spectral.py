@@ -7,45 +7,94 @@ The Nyquist bin is dropped (as in Music2Latent), so the round trip is exact (to 
 precision) only for signals with no energy at exactly half the sample rate; for music this is
 negligible, for white noise it costs about 1.5% of the signal's RMS.
 
+Chunk geometry (:class:`ChunkGeometry`) lives here too, as the one place that knows how many
+samples lie behind a chunk of frames, how a signal is padded into chunks, and which output
+samples a decoded chunk finishes (:class:`OverlapAddStream`). Inference, training and any
+streaming code use it instead of repeating the arithmetic.
+
 Time alignment. Frames are cut straight from the waveform (no centering): frame ``f`` covers
-samples ``[f * hop, f * hop + n_fft)``. :func:`pad_for_chunks` puts ``n_fft // 2`` zeros in
+samples ``[f * hop, f * hop + n_fft)``. :meth:`ChunkGeometry.pad` puts ``n_fft // 2`` zeros in
 front of the signal, so frame ``f`` is centred on original sample ``f * hop`` and chunk ``t``
 stands for original samples ``[t * chunk_samples, (t + 1) * chunk_samples)``: decoding then
-cropping ``[n_fft // 2 : n_fft // 2 + length]`` gives back the input with zero lag.
+:meth:`ChunkGeometry.crop` gives back the input with zero lag.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SpectralTransform", "pad_for_chunks", "num_chunks_for"]
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+__all__ = ["SpectralTransform", "ChunkGeometry", "OverlapAddStream"]
 
 
-def num_chunks_for(num_samples: int, chunk_samples: int) -> int:
-    """Chunks needed so every one of ``num_samples`` samples lies inside a chunk's span."""
-    return max(1, math.ceil(num_samples / chunk_samples))
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """Where the samples of each chunk of STFT frames lie (paper: 64 frames, hop 512, n_fft 2048).
 
-
-def pad_for_chunks(wav: torch.Tensor, chunk_samples: int, n_fft: int, hop_length: int) -> Tuple[torch.Tensor, int]:
-    """Zero-pad the last axis so it gives a whole number of chunks of frames.
-
-    Args:
-        wav: (..., N) waveform.
-
-    Returns:
-        (padded, num_chunks): padded has ``num_chunks * chunk_samples + n_fft - hop_length``
-        samples, with ``n_fft // 2`` zeros in front of the original signal.
+    Attributes:
+        chunk_samples: samples per chunk, ``chunk_frames * hop_length`` (32,768 for the paper).
+        n_fft: STFT window length.
+        hop_length: STFT hop.
     """
-    n = wav.shape[-1]
-    chunks = num_chunks_for(n, chunk_samples)
-    total = chunks * chunk_samples + n_fft - hop_length
-    left = n_fft // 2
-    return F.pad(wav, (left, total - left - n)), chunks
+
+    chunk_samples: int
+    n_fft: int
+    hop_length: int
+
+    @classmethod
+    def from_config(cls, config: "ModelConfig") -> "ChunkGeometry":
+        return cls(config.chunk_samples, config.n_fft, config.hop_length)
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.chunk_samples // self.hop_length
+
+    @property
+    def lead(self) -> int:
+        """Zeros put in front of a signal so frame ``f`` is centred on sample ``f * hop``."""
+        return self.n_fft // 2
+
+    @property
+    def overhang(self) -> int:
+        """Samples the last frame of a chunk reaches past the chunk's own ``chunk_samples``."""
+        return self.n_fft - self.hop_length
+
+    def span(self, chunks: int = 1) -> int:
+        """Samples behind ``chunks`` consecutive chunks of frames: 34,304 for one, 67,072 for two."""
+        return chunks * self.chunk_samples + self.overhang
+
+    def num_chunks(self, num_samples: int) -> int:
+        """Chunks needed so every one of ``num_samples`` samples lies inside a chunk."""
+        return max(1, math.ceil(num_samples / self.chunk_samples))
+
+    def pad(self, wav: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Zero-pad the last axis to a whole number of chunks of frames.
+
+        Args:
+            wav: (..., N) waveform.
+
+        Returns:
+            (padded (..., span(chunks)), chunks), with :attr:`lead` zeros before the signal.
+        """
+        n = wav.shape[-1]
+        chunks = self.num_chunks(n)
+        return F.pad(wav, (self.lead, self.span(chunks) - self.lead - n)), chunks
+
+    def windows(self, padded: torch.Tensor) -> torch.Tensor:
+        """The samples behind each chunk of a padded signal: (..., span(C)) -> (..., C, span(1)), a view."""
+        return padded.unfold(-1, self.span(1), self.chunk_samples)
+
+    def crop(self, padded: torch.Tensor, length: int) -> torch.Tensor:
+        """Undo :meth:`pad`: the ``length`` samples of the original signal, as a view."""
+        return padded[..., self.lead: self.lead + length]
 
 
 class SpectralTransform(nn.Module):
@@ -60,8 +109,8 @@ class SpectralTransform(nn.Module):
     Why a custom inverse: ``torch.istft`` insists on the NOLA condition over the whole output,
     but without centering the periodic Hann window is exactly zero at the first sample, so it
     refuses these spectrograms. Writing the overlap-add ourselves also lets the decoder add one
-    chunk's frames at a time into a preallocated buffer (:meth:`overlap_add_frames`), which keeps
-    decoding memory flat in the audio length.
+    chunk's frames at a time (:class:`OverlapAddStream`), which keeps decoding memory flat in the
+    audio length and lets finished audio leave before the next chunk is decoded.
     """
 
     window: torch.Tensor
@@ -128,8 +177,53 @@ class SpectralTransform(nn.Module):
         """Args: spec (B, 2C, freq_bins, T). Returns (B, C, (T - 1) * hop + n_fft) float32.
 
         The first and last ``n_fft - hop`` samples are only partly covered by frames; the
-        envelope is clamped there, and :func:`pad_for_chunks` keeps real signal out of them.
+        envelope is clamped there, and :meth:`ChunkGeometry.pad` keeps real signal out of them.
         """
         wav = self.overlap_add_frames(self.frames(spec))
         env = self.window_envelope(spec.shape[-1], spec.device)
         return wav / env.clamp_min(1e-3)
+
+
+class OverlapAddStream:
+    """Chunk-by-chunk inverse of :class:`SpectralTransform` for autoregressive decoding.
+
+    Chunk ``t``'s frames cover padded samples ``[t * chunk_samples, t * chunk_samples + span(1))``,
+    reaching :attr:`ChunkGeometry.overhang` samples into chunk ``t + 1``'s region. So once chunk
+    ``t`` is pushed, its first ``chunk_samples`` samples are final: :meth:`push` returns them
+    normalised by the window envelope and keeps only the overhang for the next chunk. Every such
+    region has the envelope of a two-chunk signal (the first region that of its first chunk), so
+    one two-chunk envelope serves any length. The result equals :meth:`SpectralTransform.inverse`
+    of all chunks at once (to float32 rounding), with state of ``overhang`` samples per channel.
+
+    Args:
+        spectral: the transform whose spectrograms are pushed.
+        geometry: chunk geometry of those spectrograms.
+        device: where the envelope and state live.
+    """
+
+    def __init__(self, spectral: SpectralTransform, geometry: ChunkGeometry, device: torch.device) -> None:
+        self.spectral = spectral
+        self.geometry = geometry
+        cs = geometry.chunk_samples
+        env = spectral.window_envelope(2 * geometry.chunk_frames, device).clamp_min(1e-3)  # (span(2),)
+        self._first, self._middle, self._last = env[:cs], env[cs:2 * cs], env[2 * cs:]
+        self._carry: Optional[torch.Tensor] = None  # (S, C, overhang) from the previous chunk
+        self.chunks = 0
+
+    def push(self, spec: torch.Tensor) -> torch.Tensor:
+        """Add one chunk; (S, 2C, freq_bins, chunk_frames) -> its finished samples (S, C, chunk_samples)."""
+        g = self.geometry
+        seg = self.spectral.overlap_add_frames(self.spectral.frames(spec.float()))  # (S, C, span(1))
+        if self._carry is not None:
+            seg[..., :g.overhang] += self._carry
+        done = seg[..., :g.chunk_samples] / (self._first if self.chunks == 0 else self._middle)
+        self._carry = seg[..., g.chunk_samples:]
+        self.chunks += 1
+        return done
+
+    def flush(self) -> torch.Tensor:
+        """The last (S, C, overhang) samples, after the final chunk; the stream is then spent."""
+        if self._carry is None:
+            raise RuntimeError("flush() before any chunk was pushed")
+        tail, self._carry = self._carry / self._last, None
+        return tail

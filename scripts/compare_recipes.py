@@ -109,11 +109,10 @@ def main() -> int:
     import torch
 
     from music2latent2 import ModelConfig, Music2Latent2
-    from music2latent2.checkpoint import save_checkpoint
 
     torch.manual_seed(args.seed)
     config = ModelConfig.from_preset(args.preset, **json.loads(args.model_overrides))
-    untrained = save_checkpoint(Music2Latent2(config), args.out / "untrained")
+    untrained = Music2Latent2(config).save_pretrained(args.out / "untrained")
     ref = score(untrained.parent, Path(args.eval), args.eval_files, args.eval_seconds)
 
     lines = [f"Recipes at equal compute: preset `{args.preset}` with `{args.model_overrides}`, "

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from music2latent2.checkpoint import CheckpointError, load_checkpoint, sha256_file  # noqa: E402
+from music2latent2.checkpoint import CheckpointError  # noqa: E402
 from music2latent2.config import PRESETS, ModelConfig  # noqa: E402
 from music2latent2.fileio import atomic_write  # noqa: E402
 from music2latent2.hub import ManifestEntry, load_manifest, parse_manifest  # noqa: E402
+from music2latent2.model import Music2Latent2  # noqa: E402
 
 TOP_MANIFEST = ROOT / "weights_manifest.json"
 PACKAGE_MANIFEST = ROOT / "music2latent2" / "weights_manifest.json"
@@ -123,11 +124,12 @@ def main(argv: List[str] | None = None, api: Any = None) -> int:
     if args.revision and not args.no_upload:
         raise SystemExit("error: --revision is only for --no-upload; an upload pins the commit it creates")
     try:
-        model = load_checkpoint(checkpoint)
-    except CheckpointError as err:
+        model = Music2Latent2.from_pretrained(checkpoint)
+    except (CheckpointError, FileNotFoundError) as err:
         raise SystemExit(f"error: refusing to publish an unloadable checkpoint: {err}") from err
     config = model.config
-    sha, size = sha256_file(checkpoint), checkpoint.stat().st_size
+    assert model.source is not None  # set by from_pretrained
+    sha, size = model.source.sha256, checkpoint.stat().st_size
     paths = args.manifest or [TOP_MANIFEST, PACKAGE_MANIFEST]
     bundled = f"{args.name}.safetensors" if args.bundle else None
     if args.bundle_only:

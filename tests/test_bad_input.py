@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from music2latent2 import EncoderDecoder, LatentMetadata, ModelConfig, Music2Latent2, cli, load_latents, save_latents
 from music2latent2.audio import check_time_last
-from music2latent2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from music2latent2.checkpoint import CheckpointError
 from music2latent2.devices import resolve_device
 from music2latent2.fileio import check_output_dir
 from music2latent2.latents_io import LatentFileError
@@ -126,7 +126,7 @@ def _rewrite(src: Path, dst: Path, config: dict | None = None, tensors: dict | N
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_checkpoint(make_tiny(), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return make_tiny().save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
 def test_checkpoint_config_is_validated_field_by_field(checkpoint: Path, tmp_path: Path) -> None:
@@ -144,13 +144,13 @@ def test_checkpoint_config_is_validated_field_by_field(checkpoint: Path, tmp_pat
         path = _rewrite(checkpoint, tmp_path / f"bad{i}.safetensors", config=bad)
         start = time.perf_counter()
         with pytest.raises(CheckpointError, match=f"invalid model config: .*{message}"):
-            load_checkpoint(path)
+            Music2Latent2.from_pretrained(path)
         assert time.perf_counter() - start < 5.0, message  # refused, not built
     # A config that is valid but belongs to another model (54 GB at float32): named tensors, nothing allocated.
     big = _rewrite(checkpoint, tmp_path / "big.safetensors", config={**config, "dim": 8192, "depth": 8,
                                                                      "cond_dim": 8192, "noise_embed_dim": 8192})
     with pytest.raises(CheckpointError, match="mis-shaped tensors"):
-        load_checkpoint(big)
+        Music2Latent2.from_pretrained(big)
 
 
 def test_checkpoint_tensor_dtypes_are_checked(checkpoint: Path, tmp_path: Path) -> None:
@@ -159,10 +159,11 @@ def test_checkpoint_tensor_dtypes_are_checked(checkpoint: Path, tmp_path: Path) 
     tensors[name] = tensors[name].to(torch.int32)
     path = _rewrite(checkpoint, tmp_path / "int.safetensors", tensors=tensors)
     with pytest.raises(CheckpointError, match=rf"must be floating point .*{name}: I32"):
-        load_checkpoint(path)
+        Music2Latent2.from_pretrained(path)
     # fp16 and bf16 storage are fine (shipped checkpoints are fp16).
     half = {k: v.to(torch.bfloat16) for k, v in load_file(str(checkpoint)).items()}
-    assert isinstance(load_checkpoint(_rewrite(checkpoint, tmp_path / "bf16.safetensors", tensors=half)), Music2Latent2)
+    bf16 = _rewrite(checkpoint, tmp_path / "bf16.safetensors", tensors=half)
+    assert isinstance(Music2Latent2.from_pretrained(bf16), Music2Latent2)
 
 
 def test_config_fields_are_typed_and_bounded_in_python_too() -> None:
@@ -185,7 +186,7 @@ def test_not_a_safetensors_file_is_named_as_such(tmp_path: Path) -> None:
     wav = tmp_path / "song.safetensors"
     sf.write(wav, np.zeros(1000, np.float32), SR, format="WAV")
     with pytest.raises(CheckpointError, match="song.safetensors: not a valid safetensors file"):
-        load_checkpoint(wav)
+        Music2Latent2.from_pretrained(wav)
 
 
 # --------------------------------------------------------------------------- 2. .m2l channels

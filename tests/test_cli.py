@@ -17,10 +17,11 @@ import torch
 from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2, cli, load_latents
 from music2latent2.checkpoint import sha256_file
 from music2latent2.fileio import atomic_write
-from music2latent2.spectral import num_chunks_for
+from music2latent2.spectral import ChunkGeometry
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (sample rate, seconds, channels)
+GEOMETRY = ChunkGeometry(32768, 2048, 512)
 FILES = {"a.wav": (22050, 1.1, 1), "sub/b.flac": (48000, 0.6, 2), "sub/deeper/c.wav": (44100, 0.5, 1)}
 
 
@@ -89,7 +90,7 @@ def test_encode_decode_round_trip(encoded: Path, dataset: Path, model_dir: Path,
         assert meta.model_name == str(model_dir) and meta.extra["source"] == f"{stem}.m2l"
         # Latents are exactly what the Python API gives for the same audio.
         expected = encdec.encode(audio.T, sr=sr)
-        assert z.shape == expected.shape == (ch, 64, 8 * num_chunks_for(math.ceil(len(audio) * 44100 / sr), 32768))
+        assert z.shape == expected.shape == (ch, 64, 8 * GEOMETRY.num_chunks(math.ceil(len(audio) * 44100 / sr)))
         np.testing.assert_allclose(z, expected, atol=1e-5)
         info = sf.info(str(encoded / "dec" / f"{stem}.wav"))
         assert (info.samplerate, info.frames, info.channels) == (sr, int(sr * sec), ch)
@@ -119,7 +120,7 @@ def test_reconstruct_and_features(dataset: Path, model_dir: Path, encdec: Encode
         feats = np.load(tmp_path / "feat" / Path(name).with_suffix(".npy"))
         audio, _ = sf.read(dataset / name, dtype="float32", always_2d=True)
         expected = encdec.encode(audio.T, sr=sr, extract_features=True)  # (C, K*dim, chunks)
-        chunks = num_chunks_for(math.ceil(len(audio) * 44100 / sr), 32768)
+        chunks = GEOMETRY.num_chunks(math.ceil(len(audio) * 44100 / sr))
         assert feats.shape == ((8 * 32, chunks) if ch == 1 else (ch, 8 * 32, chunks))
         np.testing.assert_allclose(feats, expected[0] if ch == 1 else expected, atol=1e-5)
 

@@ -10,7 +10,7 @@ import torch
 import music2latent2.inference as inference_module
 from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2
 from music2latent2.sampling import iter_autoregressive
-from music2latent2.spectral import pad_for_chunks
+from music2latent2.spectral import ChunkGeometry
 
 SR = 44100
 CHUNK = 32768
@@ -21,7 +21,7 @@ def _audio(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def _bandlimited(x: np.ndarray, cutoff: float = 0.9) -> np.ndarray:
-    """Remove content above cutoff * Nyquist: the representation drops the Nyquist bin (SPEC 1),
+    """Remove content above cutoff * Nyquist: the representation drops the Nyquist bin (docs/design.md section 1),
     so only signals without energy there (like music) survive the round trip exactly."""
     spec = np.fft.rfft(x, axis=-1)
     spec[..., int(cutoff * spec.shape[-1]):] = 0
@@ -223,7 +223,7 @@ def test_waveform_prefix_unaffected_by_future_latents(tiny_encdec: EncoderDecode
 def _oracle_sampler(x: torch.Tensor, model: Music2Latent2):
     """A 'model' with a known response: it returns the true spectrogram of x, chunk by chunk."""
     cfg = model.config
-    padded, chunks = pad_for_chunks(x, cfg.chunk_samples, cfg.n_fft, cfg.hop_length)
+    padded, chunks = ChunkGeometry.from_config(cfg).pad(x)
     spec = model.spectral(padded)  # (S, C, F, chunks * 64)
 
     def sampler(model_, latents, **kwargs):

@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 from test_training import MICRO, _config  # the same micro training config
 
-from music2latent2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from music2latent2 import Music2Latent2
+from music2latent2.checkpoint import CheckpointError
 from music2latent2.training import Trainer, consistency_step_delta, crop_samples
 from music2latent2.training.__main__ import main as train_main
 from music2latent2.training.data import AudioSource
@@ -71,8 +72,8 @@ def test_lr_schedule_starts_at_start_step():
 def test_init_weights_from_a_checkpoint(tmp_path):
     donor = Trainer(_config(seed=3))
     donor.train_step(_batch(donor))
-    path = save_checkpoint(donor.ema, tmp_path / "ckpt", dtype=torch.float16)
-    loaded = load_checkpoint(path)
+    path = donor.ema.save_pretrained(tmp_path / "ckpt", dtype=torch.float16)
+    loaded = Music2Latent2.from_pretrained(path)
     trainer = Trainer(_config(seed=0, start_step=7))
     trainer.init_weights_from(loaded)
     for a, b, c in zip(loaded.parameters(), trainer.model.parameters(), trainer.ema.parameters()):
@@ -162,7 +163,7 @@ def test_snapshot_pieces_join_and_corruption(tmp_path):
     assert len(index["pieces"]) >= 3 and all(p["size"] <= 100_000 for p in index["pieces"])
 
     joined = join_snapshot(root, tmp_path / "joined.safetensors")  # LATEST is followed
-    model = load_checkpoint(joined)
+    model = Music2Latent2.from_pretrained(joined)
     assert model.config.latent_scale == pytest.approx(2.5)
     for a, b in zip(model.parameters(), trainer.ema.parameters()):
         torch.testing.assert_close(a, b.half().float())
@@ -215,7 +216,7 @@ def test_relay_cli_init_from_budget_snapshots_and_join(tmp_path, capsys):
     for i in range(2):
         sf.write(str(data / f"x{i}.flac"), 0.3 * rng.standard_normal(30000).astype(np.float32), 44100)
     donor = Trainer(_config())
-    ckpt = save_checkpoint(donor.ema, tmp_path / "shipped", dtype=torch.float16)
+    ckpt = donor.ema.save_pretrained(tmp_path / "shipped", dtype=torch.float16)
     run = tmp_path / "leg"
     args = ["train", "--data", str(data), "--out", str(run), "--init-from", str(ckpt), "--start-step", "40",
             "--steps", "44", "--batch-size", "2", "--warmup", "1", "--ema", "0.9", "--workers", "0",
@@ -232,7 +233,7 @@ def test_relay_cli_init_from_budget_snapshots_and_join(tmp_path, capsys):
     # The final snapshot is written at the end even though the interval never elapsed.
     assert (run / "snapshots" / LATEST_NAME).read_text().strip() == "step-00000044"
     assert train_main(["join", str(run / "snapshots"), "--out", str(tmp_path / "back")]) == 0
-    back = load_checkpoint(tmp_path / "back")
+    back = Music2Latent2.from_pretrained(tmp_path / "back")
     assert back.config.latent_scale != 1.0  # measured at snapshot time
     from safetensors import safe_open
     with safe_open(str(run / "state.safetensors"), framework="pt") as f:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from music2latent2 import EncoderDecoder
-from music2latent2.checkpoint import load_checkpoint
+from music2latent2 import EncoderDecoder, Music2Latent2
 from music2latent2.training import (
     TrainConfig,
     Trainer,
@@ -169,7 +168,7 @@ def test_export_loads_in_encoderdecoder(tmp_path):
     assert np.isfinite(scale) and scale > 0
     path = export_checkpoint(trainer.ema, tmp_path / "ckpt", latent_scale=scale, dtype=torch.float16, step=1)
     assert trainer.ema.config.latent_scale == 1.0  # the EMA model itself is left unchanged
-    model = load_checkpoint(path)
+    model = Music2Latent2.from_pretrained(path)
     assert model.config.latent_scale == pytest.approx(scale)
     encdec = EncoderDecoder(tmp_path / "ckpt", device="cpu")
     wav = _batch(trainer)[0, 0, :3000].numpy()

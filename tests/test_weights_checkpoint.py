@@ -16,10 +16,10 @@ from music2latent2.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     ChecksumMismatchError,
-    load_checkpoint,
     read_metadata,
     sha256_file,
 )
+from music2latent2.hub import WeightsNotAvailableError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_half_precision_checkpoint_loads_as_float32(model: Music2Latent2, tmp_pa
     full = model.save_pretrained(tmp_path / "f32")
     half = model.save_pretrained(tmp_path / "f16", dtype=torch.float16)
     assert half.stat().st_size < 0.6 * full.stat().st_size
-    loaded = load_checkpoint(half)
+    loaded = Music2Latent2.from_pretrained(half)
     for key, value in model.state_dict().items():
         got = loaded.state_dict()[key]
         assert got.dtype == value.dtype
@@ -66,22 +66,22 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(model: Music2Latent2
     missing = dict(state)
     del missing[first]
     with pytest.raises(CheckpointError, match=f"missing tensors \\['{first}'\\]"):
-        load_checkpoint(write_raw(tmp_path / "missing.safetensors", missing, model.config))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "missing.safetensors", missing, model.config))
 
     extra = dict(state, **{"stray.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="unexpected tensors \\['stray.weight'\\]"):
-        load_checkpoint(write_raw(tmp_path / "extra.safetensors", extra, model.config))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "extra.safetensors", extra, model.config))
 
     key = next(k for k, v in state.items() if v.dim() >= 1 and v.is_floating_point())
     shaped = dict(state)
     shaped[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
     with pytest.raises(CheckpointError, match=f"mis-shaped tensors .*{key}"):
-        load_checkpoint(write_raw(tmp_path / "shape.safetensors", shaped, model.config))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "shape.safetensors", shaped, model.config))
 
     # The config in the metadata decides the architecture: another preset's config does not fit.
     other = ModelConfig.from_preset("tiny", dim=48, noise_embed_dim=48, cond_dim=48)
     with pytest.raises(CheckpointError, match="does not match its config"):
-        load_checkpoint(write_raw(tmp_path / "config.safetensors", state, other))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "config.safetensors", state, other))
 
 
 def test_corrupt_truncated_and_foreign_files(model: Music2Latent2, tmp_path: Path) -> None:
@@ -93,33 +93,36 @@ def test_corrupt_truncated_and_foreign_files(model: Music2Latent2, tmp_path: Pat
     garbage.write_bytes(b"\x00" * 64 + b"not a checkpoint")
     for bad in (truncated, garbage):
         with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*{bad.name}"):
-            load_checkpoint(bad)
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
-        load_checkpoint(tmp_path / "nowhere")
+            Music2Latent2.from_pretrained(bad)
+    with pytest.raises(WeightsNotAvailableError, match="no checkpoint file or directory"):
+        Music2Latent2.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*empty/model.safetensors"):
+        Music2Latent2.from_pretrained(tmp_path / "empty")
 
     state = model.state_dict()
     plain = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(plain))
     with pytest.raises(CheckpointError, match="no model config"):
-        load_checkpoint(plain)
+        Music2Latent2.from_pretrained(plain)
     with pytest.raises(CheckpointError, match="format version '99'"):
-        load_checkpoint(write_raw(tmp_path / "v99.safetensors", dict(state), model.config, version="99"))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "v99.safetensors", dict(state), model.config, version="99"))
 
     nan_state = {k: v.clone() for k, v in state.items()}
     key = next(k for k, v in nan_state.items() if v.is_floating_point())
     nan_state[key].view(-1)[0] = float("nan")
     with pytest.raises(CheckpointError, match="non-finite"):
-        load_checkpoint(write_raw(tmp_path / "nan.safetensors", nan_state, model.config))
+        Music2Latent2.from_pretrained(write_raw(tmp_path / "nan.safetensors", nan_state, model.config))
 
 
 def test_sha256_is_checked_before_loading(model: Music2Latent2, tmp_path: Path) -> None:
     path = model.save_pretrained(tmp_path / "sha")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert sha256_file(path) == digest
-    assert isinstance(load_checkpoint(path, sha256=digest.upper()), Music2Latent2)
+    assert isinstance(Music2Latent2.from_pretrained(path, sha256=digest.upper()), Music2Latent2)
     wrong = "0" * 64
     with pytest.raises(ChecksumMismatchError) as info:
-        load_checkpoint(path, sha256=wrong)
+        Music2Latent2.from_pretrained(path, sha256=wrong)
     assert info.value.expected == wrong and info.value.actual == digest
     assert str(path) in str(info.value) and wrong in str(info.value) and digest in str(info.value)
     assert isinstance(info.value, CheckpointError) and isinstance(info.value, ValueError)

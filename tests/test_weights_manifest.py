@@ -12,11 +12,12 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 
 from music2latent2 import ModelConfig, Music2Latent2
-from music2latent2.hub import PACKAGE_MANIFEST, available_models, load_manifest, load_model, parse_manifest
+from music2latent2.hub import PACKAGE_MANIFEST, available_models, load_manifest, parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "publish_weights.py"
@@ -119,7 +120,7 @@ def test_publish_no_upload_writes_both_manifests(checkpoint: Path, tmp_path: Pat
     # The entry it wrote resolves offline through the bundled copy, with its sha256 checked.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    model = load_model(None, manifest=pkg)
+    model = Music2Latent2.from_pretrained(None, manifest=pkg)
     assert model.config == ModelConfig.from_preset("tiny")
 
     # Refuses a broken checkpoint and a --no-upload without a pinned revision.
@@ -183,18 +184,41 @@ def test_publish_failed_upload_leaves_no_bundle(checkpoint: Path, tmp_path: Path
     assert pkg.read_bytes() == before
 
 
-def test_cli_model_identity_uses_the_manifest_sha(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Latents made with a released model must record which checkpoint made them, without hashing.
-    from music2latent2.cli import model_identity
+def test_loaded_model_records_its_source(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The model knows which checkpoint it is (name, sha256), so the CLI records it in .m2l files
+    # without re-hashing the file or re-reading the manifest.
+    from music2latent2 import cli, load_latents
 
-    manifest = tmp_path / "manifest.json"
-    data = json.loads((ROOT / "weights_manifest.json").read_text())
-    data["models"] = {"m2l2-small": entry(sha256="c" * 64)}
-    data["default"] = "m2l2-small"
-    manifest.write_text(json.dumps(data))
-    monkeypatch.setenv("MUSIC2LATENT2_MANIFEST", str(manifest))
-    assert model_identity("m2l2-small") == ("m2l2-small", "c" * 64)
-    assert model_identity(None) == ("default:m2l2-small", "c" * 64)
+    data = checkpoint.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    pkg = tmp_path / "pkg" / "weights_manifest.json"
+    (pkg.parent / "weights").mkdir(parents=True)
+    (pkg.parent / "weights" / "t.safetensors").write_bytes(data)
+    pkg.write_text(json.dumps({"manifest_version": 1, "default": "t", "models": {
+        "t": entry(repo_id=None, revision=None, bundled="t.safetensors", sha256=digest, size=len(data))}}))
+    named = Music2Latent2.from_pretrained("t", manifest=pkg).source
+    assert named is not None and (named.name, named.sha256, named.repo_id) == ("t", digest, None)
+    assert named.path == pkg.parent / "weights" / "t.safetensors"
+    default = Music2Latent2.from_pretrained(manifest=pkg).source
+    assert default is not None and (default.name, default.sha256) == ("default:t", digest)
+    local = Music2Latent2.from_pretrained(checkpoint.parent).source
+    assert local is not None and (local.name, local.sha256, local.path) == (str(checkpoint.parent), digest, checkpoint)
+    assert Music2Latent2(ModelConfig.from_preset("tiny")).source is None  # built in memory
+
+    monkeypatch.setenv("MUSIC2LATENT2_MANIFEST", str(pkg))
+    import soundfile as sf
+
+    from music2latent2 import hub
+
+    hashed: List[Path] = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda path: (hashed.append(Path(path)), real(path))[1])
+
+    sf.write(tmp_path / "in.wav", np.zeros((4410, 1), np.float32), 44100)
+    assert cli.main(["encode", str(tmp_path / "in.wav"), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+    _, meta = load_latents(tmp_path / "out" / "in.m2l")
+    assert (meta.model_name, meta.model_sha256) == ("default:t", digest)
+    assert hashed == [pkg.parent / "weights" / "t.safetensors"]  # hashed once, while loading
 
 
 def test_bundle_only_entry_loads_without_network(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
@@ -218,11 +242,11 @@ def test_bundle_only_entry_loads_without_network(checkpoint: Path, tmp_path: Pat
         raise AssertionError("the Hub must not be asked for a bundled checkpoint")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    model = load_model(None, manifest=pkg)
+    model = Music2Latent2.from_pretrained(None, manifest=pkg)
     assert model.num_parameters() > 0
     (pkg.parent / "weights" / "only-here.safetensors").unlink()
     with pytest.raises(WeightsNotAvailableError, match="(?s)not published there.*reinstall"):
-        load_model(None, manifest=pkg)
+        Music2Latent2.from_pretrained(None, manifest=pkg)
     with pytest.raises(SystemExit, match="bundle-only takes no"):
         publish_main([str(checkpoint), "--name", "x", "--description", "d", "--bundle-only", "--repo-id", "a/b",
                       "--manifest", str(top)])

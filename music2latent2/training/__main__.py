@@ -19,9 +19,10 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import load_checkpoint, sha256_file
+from ..checkpoint import sha256_file
 from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
+from ..model import Music2Latent2
 from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
 from .export import export_checkpoint, measure_latent_scale
 from .snapshot import join_snapshot, write_snapshot
@@ -73,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = json.loads(args.model_overrides) if args.model_overrides else {}
         init = None
         if args.init_from:
-            init = load_checkpoint(args.init_from)  # strict; CheckpointError names what is wrong
+            init = Music2Latent2.from_pretrained(args.init_from)  # strict; CheckpointError names what is wrong
             if overrides:
                 raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
         cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
@@ -89,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
                           latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit)
         if init is not None:
-            cfg.init_from, cfg.init_sha256 = str(args.init_from), sha256_file(_weights_file(args.init_from))
+            assert init.source is not None  # set by from_pretrained
+            cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
             trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0))
             trainer.init_weights_from(init)
             print(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}",
@@ -131,11 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = _export(trainer, loader, out / "final", fp16=False)
     print(f"exported EMA weights to {path}", flush=True)
     return 0
-
-
-def _weights_file(path: str) -> Path:
-    p = Path(path)
-    return p / "model.safetensors" if p.is_dir() else p
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -189,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--sigma-log-mean", type=float, default=-1.1, help="mean of log(sigma) of training noise")
     t.add_argument("--sigma-log-std", type=float, default=2.0, help="std of log(sigma) of training noise")
     t.add_argument("--init-from", default=None, help="start online and EMA weights from this checkpoint "
+                   "(file, folder, manifest name or Hub repo id) "
                    "(fresh optimiser; use --start-step to continue the step count)")
     t.add_argument("--start-step", type=int, default=0, help="step counter at the start; schedules run from it")
     t.add_argument("--max-minutes", type=float, default=None,

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..audio import find_audio_files, load_audio, resample
+from ..spectral import ChunkGeometry
 
 __all__ = ["crop_samples", "parse_data_spec", "AudioSource",
            "CropDataset", "make_loader", "build_sources", "describe_sources", "worker_seed"]
@@ -28,8 +29,8 @@ __all__ = ["crop_samples", "parse_data_spec", "AudioSource",
 
 
 def crop_samples(chunk_samples: int = 32768, n_fft: int = 2048, hop_length: int = 512) -> int:
-    """Samples behind two consecutive chunks of frames (no padding): 67,072 for the paper."""
-    return 2 * chunk_samples + n_fft - hop_length
+    """Samples behind the two consecutive chunks of one training item: 67,072 for the paper."""
+    return ChunkGeometry(chunk_samples, n_fft, hop_length).span(2)
 
 
 def parse_data_spec(spec: str) -> Tuple[Path, float]:

@@ -9,7 +9,6 @@ from typing import Iterable, Union
 
 import torch
 
-from ..checkpoint import save_checkpoint
 from ..model import Music2Latent2
 from .losses import split_chunks
 
@@ -54,7 +53,7 @@ def measure_latent_scale(model: Music2Latent2, batches: Iterable[torch.Tensor], 
 
 def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], latent_scale: float | None = None,
                       dtype: torch.dtype | None = None, step: int | None = None) -> Path:
-    """Write an inference checkpoint (``music2latent2.checkpoint`` format) of ``model``.
+    """Write an inference checkpoint of ``model`` (:meth:`Music2Latent2.save_pretrained`).
 
     Args:
         model: usually ``trainer.ema``; it is copied, not changed.
@@ -67,4 +66,4 @@ def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], laten
     if latent_scale is not None:
         out.config = out.config.replace(latent_scale=float(latent_scale))
     extra = {"training_step": str(step)} if step is not None else None
-    return save_checkpoint(out, path, dtype=dtype, extra_metadata=extra)
+    return out.save_pretrained(path, dtype=dtype, extra_metadata=extra)

@@ -1,4 +1,4 @@
-"""Consistency-training loss (SPEC section 4): noise-level sampling, step schedule, pseudo-Huber.
+"""Consistency-training loss (paper IV-3; docs/design.md section 4): noise-level sampling, step schedule, pseudo-Huber.
 
 The network sees a window of two consecutive chunks. Both are encoded and decoded
 independently (features computed once, shared by student and teacher), get independent noise

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Union
 
 import torch
 
-from ..checkpoint import WEIGHTS_NAME, CheckpointError, load_checkpoint, sha256_file
+from ..checkpoint import WEIGHTS_NAME, CheckpointError, sha256_file
 from ..fileio import atomic_write
 from ..model import Music2Latent2
 from .export import export_checkpoint
@@ -148,6 +148,6 @@ def join_snapshot(snapshot: Union[str, os.PathLike], out: Union[str, os.PathLike
                 dst.write(data)
         if digest.hexdigest() != index["sha256"]:
             raise CheckpointError(f"joined snapshot {src} has sha256 {digest.hexdigest()}, expected {index['sha256']}")
-        load_checkpoint(tmp)  # strict load: config, names, shapes, finite values
+        Music2Latent2.from_pretrained(tmp)  # strict load: config, names, shapes, finite values
 
     return atomic_write(target, write)

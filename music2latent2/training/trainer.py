@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Tuple, cast
 
 import torch
 
@@ -125,7 +125,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # weight init is part of the run's identity
         self.model = Music2Latent2(model_config or config.model_config()).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=tuple(config.betas))
+        betas = cast(Tuple[float, float], tuple(config.betas))  # TrainConfig.betas is (beta1, beta2)
+        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=betas)
         # Noise is drawn on the training device: no host-side randn and copy per step.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std)
@@ -180,7 +181,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         m = self.ema_momentum_at(self.step - self.skipped)
-        ema_params = list(self.ema.parameters())
+        ema_params: List[torch.Tensor] = list(self.ema.parameters())
         params = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - m)
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):

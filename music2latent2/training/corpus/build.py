@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -124,7 +124,9 @@ def _run(pool, tracks: Sequence[Track], root: Path, cfg: BuildConfig, log: Log, 
          ) -> Tuple[List[Dict], List[str]]:
     minimum = {"music": cfg.min_seconds, "midi": cfg.min_seconds, "speech": cfg.speech_min_seconds, "real": 0.1}
     jobs = [(t, str(root), minimum[t.kind], cfg.min_bandwidth_hz, cfg.vorbis_level) for t in tracks]
-    entries, skipped, t0 = [], [], time.perf_counter()
+    entries: List[Dict] = []
+    skipped: List[str] = []
+    t0 = time.perf_counter()
     # Longest first, so the last minutes are not spent waiting on one long render.
     jobs.sort(key=lambda j: -j[0].seconds)
     for n, result in enumerate(pool.imap_unordered(make_track, jobs), 1):
@@ -211,7 +213,8 @@ def _render_midi(cfg: BuildConfig, pool, root: Path, log: Log) -> Tuple[List[Dic
     n_valid = max(1, round(len(pieces) * cfg.valid_fraction)) if cfg.valid_fraction > 0 and len(pieces) > 1 else 0
     valid_pieces, train_pieces = pieces[:n_valid], pieces[n_valid:]  # held-out scores, not just renders
     fonts = _soundfonts(cfg)
-    entries, skipped = [], []
+    entries: List[Dict] = []
+    skipped: List[str] = []
     made, batch = 0, max(8, cfg.jobs * 4)
     # Training renders first: by the held-out ones, the batch size is known from their lengths.
     for split, group, hours in (("train", train_pieces, cfg.midi_hours * (1 - cfg.valid_fraction)),
@@ -294,9 +297,10 @@ def build(cfg: BuildConfig, log: Log = print) -> Path:
             shutil.copyfile(notice, partial / "licences" / f"{src.package}.txt")
     entries.sort(key=lambda e: e["path"])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(replace(cfg, sources=None)).items()}
-    manifest = {"format": FORMAT, "version": 1, "sample_rate": SAMPLE_RATE, "channels": 1, "codec": "ogg/vorbis",
-                "build_seconds": round(time.perf_counter() - t0, 1), "config": config,
-                "hours": summarize(entries), "skipped": skipped, "files": entries}
+    manifest: Dict[str, Any] = {"format": FORMAT, "version": 1, "sample_rate": SAMPLE_RATE, "channels": 1,
+                                "codec": "ogg/vorbis", "build_seconds": round(time.perf_counter() - t0, 1),
+                                "config": config, "hours": summarize(entries), "skipped": skipped,
+                                "files": entries}
     (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     (partial / VALIDATION_NAME).write_text("".join(e["path"] + "\n" for e in entries if e["split"] == "valid"))
     if out.exists():  # --overwrite: the old corpus goes only now that the new one is whole

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, cast
 
 import numpy as np
 import soundfile as sf
@@ -74,7 +74,7 @@ def vary_midi(midi_bytes: bytes, rng: random.Random) -> Tuple[bytes, Dict[str, f
             if msg.type == "set_tempo":
                 msg.tempo = int(min(max(msg.tempo / tempo_factor, 1), 16777215))
             elif msg.type == "program_change" and ch != 9:
-                msg.program = programs[ch]
+                msg.program = programs[cast(int, ch)]  # a program_change always has a channel
                 seen_program.add(ch)
             elif msg.type in ("note_on", "note_off") and ch != 9:
                 msg.note = min(max(msg.note + transpose, 0), 127)

@@ -74,12 +74,13 @@ def pack(corpus: Path, out: Path, part_mib: float, seed: int = 0, log=print) -> 
         with tarfile.open(folder / PART_TAR, "w", format=tarfile.PAX_FORMAT) as tar:
             for f in group:
                 tar.add(f, arcname=f.relative_to(corpus).as_posix(), recursive=False)
-        info: Dict[str, object] = {"part": n, "of": len(groups), "size": (folder / PART_TAR).stat().st_size,
+        size = (folder / PART_TAR).stat().st_size
+        info: Dict[str, object] = {"part": n, "of": len(groups), "size": size,
                                    "sha256": file_digest(folder / PART_TAR),
                                    "files": [f.relative_to(corpus).as_posix() for f in group]}
         (folder / PART_JSON).write_text(json.dumps(info, indent=1) + "\n")
         folders.append(out / f"p{n}")
-        log(f"{out / f'p{n}'}: {len(group)} files, {info['size'] / 2 ** 20:.1f} MiB")
+        log(f"{out / f'p{n}'}: {len(group)} files, {size / 2 ** 20:.1f} MiB")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return folders

@@ -148,7 +148,9 @@ def speech_groups(source: Source, tree: Path, seen: Set[str], min_rate: int, sec
                     seen.add(digest)
                     clips.append((p, seconds))
     random.Random(seed).shuffle(clips)
-    tracks, group, total = [], [], 0.0
+    tracks: List[Track] = []
+    group: List[Path] = []
+    total = 0.0
     for p, seconds in clips:
         group.append(p)
         total += seconds + 0.3
