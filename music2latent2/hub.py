@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .checkpoint import WEIGHTS_NAME, CheckpointError, ChecksumMismatchError, sha256_file, weights_path
 
@@ -493,12 +493,11 @@ def resolve(name_or_path: ModelArgument = None, revision: Optional[str] = None, 
 
 def upload_folder(folder: Union[str, os.PathLike], repo_id: str, *, revision: Optional[str] = None,
                   commit_message: str = "Upload music2latent2 checkpoint", private: bool = False,
-                  token: Optional[str] = None, create_pr: bool = False,
-                  files: Optional[Sequence[str]] = None) -> str:
+                  token: Optional[str] = None, create_pr: bool = False) -> str:
     """Commit the files of ``folder`` to a Hub model repo (created if missing) in one commit.
 
     Args:
-        folder: local folder; its top-level files (or ``files``, names inside it) are uploaded.
+        folder: local folder; its top-level files are uploaded.
         repo_id: ``"org/name"``.
         revision: branch to commit to (default: main).
         commit_message: the commit's summary line.
@@ -512,7 +511,7 @@ def upload_folder(folder: Union[str, os.PathLike], repo_id: str, *, revision: Op
     from huggingface_hub import CommitOperationAdd, HfApi
 
     root = Path(folder)
-    names = sorted(files) if files is not None else sorted(p.name for p in root.iterdir() if p.is_file())
+    names = sorted(p.name for p in root.iterdir() if p.is_file())
     api = HfApi(endpoint=_hf_endpoint(), token=token, library_name="music2latent2")
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(root / name)) for name in names]
