@@ -381,7 +381,7 @@ def _preflight(args: argparse.Namespace, jobs: Sequence[Job]) -> str | None:
         if job.dst.is_dir():
             return f"output {job.dst} is an existing folder; it cannot be replaced by a file"
     if args.model is None:
-        from .hub import load_manifest
+        from .manifest import load_manifest
 
         try:
             manifest = load_manifest()

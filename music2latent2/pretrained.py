@@ -19,7 +19,8 @@ from torch import nn
 
 from .checkpoint import read_config, read_tensors, save_checkpoint
 from .config import ModelConfig
-from .hub import Manifest, ModelArgument, ModelSource, resolve, upload_folder
+from .hub import ModelArgument, ModelSource, resolve, upload_folder
+from .manifest import Manifest
 
 __all__ = ["PretrainedModule", "ModelSource"]
 

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from music2latent2.checkpoint import CheckpointError  # noqa: E402
 from music2latent2.config import PRESETS, ModelConfig  # noqa: E402
 from music2latent2.fileio import atomic_write  # noqa: E402
-from music2latent2.hub import ManifestEntry, load_manifest, parse_manifest  # noqa: E402
+from music2latent2.manifest import ManifestEntry, load_manifest, parse_manifest  # noqa: E402
 from music2latent2.model import Music2Latent2  # noqa: E402
 
 TOP_MANIFEST = ROOT / "weights_manifest.json"

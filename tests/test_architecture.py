@@ -81,6 +81,7 @@ def test_network_checkpoint_and_hub_modules_know_only_their_part() -> None:
     assert "music2latent2.model" not in graph["music2latent2.checkpoint"] | graph["music2latent2.hub"]
     assert "music2latent2.pretrained" not in graph["music2latent2.checkpoint"] | graph["music2latent2.hub"]
     assert {"music2latent2.checkpoint", "music2latent2.hub"}.isdisjoint(graph["music2latent2.model"])
+    assert graph["music2latent2.manifest"] == set()  # the table of names is plain data
 
 
 def test_chunk_geometry_numbers() -> None:

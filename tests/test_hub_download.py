@@ -27,7 +27,8 @@ import torch
 
 from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2
 from music2latent2.checkpoint import ChecksumMismatchError
-from music2latent2.hub import MANIFEST_ENV, WeightsNotAvailableError, load_manifest, resolve
+from music2latent2.hub import WeightsNotAvailableError, resolve
+from music2latent2.manifest import MANIFEST_ENV, load_manifest
 
 REPO = "test-org/m2l2-tiny"
 COMMIT = hashlib.sha1(b"m2l2 test commit").hexdigest()

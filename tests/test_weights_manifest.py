@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from music2latent2 import ModelConfig, Music2Latent2
-from music2latent2.hub import PACKAGE_MANIFEST, available_models, load_manifest, parse_manifest
+from music2latent2.manifest import PACKAGE_MANIFEST, available_models, load_manifest, parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "publish_weights.py"
