@@ -18,7 +18,7 @@ __all__ = ["ModelConfig", "PRESETS", "FIELD_LIMITS"]
 class ModelConfig:
     """Every hyperparameter of a Music2Latent2 model.
 
-    Spectral, EDM and token-layout numbers default to the paper's (see docs/design.md); the
+    Spectral, EDM and token-layout numbers default to the paper's (docs/design.md sections 1-3); the
     architecture sizes default to the ``"paper"`` preset.
 
     Attributes:

@@ -4,8 +4,9 @@ Layout: a waveform chunk becomes ``(B, 2 * audio_channels, freq_bins, frames)``:
 imaginary planes of each audio channel, ``[ch0.re, ch0.im, ch1.re, ch1.im]``.
 
 The Nyquist bin is dropped (as in Music2Latent), so the round trip is exact (to float32
-precision) only for signals with no energy at exactly half the sample rate; for music this is
-negligible, for white noise it costs about 1.5% of the signal's RMS.
+precision) only for signals with no energy within a few bins of half the sample rate; for music
+this is negligible, for white noise it costs about 1.5% of the signal's RMS (docs/design.md
+section 1 has the measurements).
 
 Chunk geometry (:class:`ChunkGeometry`) lives here too, as the one place that knows how many
 samples lie behind a chunk of frames, how a signal is padded into chunks, and which output
