@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .checkpoint import WEIGHTS_NAME, CheckpointError, ChecksumMismatchError, sha256_file, weights_path
+from .checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    ChecksumMismatchError,
+    sha256_file,
+    verify_sha256,
+    weights_path,
+)
 from .manifest import (
     COMMIT_SHA,
     DEFAULT_ENDPOINT,
@@ -268,10 +275,8 @@ def _resolve_local(given: Union[str, os.PathLike], sha256: Optional[str]) -> Mod
     path = weights_path(given)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    actual = sha256_file(path)
-    if sha256 is not None and actual != sha256:
-        raise ChecksumMismatchError(path, sha256, actual)
-    return ModelSource(os.fspath(given), actual, path)
+    digest = verify_sha256(path, sha256) if sha256 is not None else sha256_file(path)
+    return ModelSource(os.fspath(given), digest, path)
 
 
 def resolve(name_or_path: ModelArgument = None, revision: Optional[str] = None, sha256: Optional[str] = None,

@@ -217,7 +217,8 @@ class OverlapAddStream:
         seg = self.spectral.overlap_add_frames(self.spectral.frames(spec.float()))  # (S, C, span(1))
         if self._carry is not None:
             seg[..., :g.overhang] += self._carry
-        done = seg[..., :g.chunk_samples] / (self._first if self.chunks == 0 else self._middle)
+        done = seg[..., :g.chunk_samples]  # a view: normalised in place, no new buffer per chunk
+        done /= self._first if self.chunks == 0 else self._middle
         self._carry = seg[..., g.chunk_samples:]
         self.chunks += 1
         return done

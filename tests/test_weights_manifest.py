@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from music2latent2 import ModelConfig, Music2Latent2
+from music2latent2.checkpoint import ChecksumMismatchError
 from music2latent2.manifest import PACKAGE_MANIFEST, available_models, load_manifest, parse_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +200,10 @@ def test_loaded_model_records_its_source(checkpoint: Path, tmp_path: Path, monke
     named = Music2Latent2.from_pretrained("t", manifest=pkg).source
     assert named is not None and (named.name, named.sha256, named.repo_id) == ("t", digest, None)
     assert named.path == pkg.parent / "weights" / "t.safetensors"
+    with pytest.raises(ChecksumMismatchError, match="the manifest pins the other one"):
+        Music2Latent2.from_pretrained("t", manifest=pkg, sha256="0" * 64)
+    with pytest.raises(ValueError, match="sha256 must be 64 hex"):
+        Music2Latent2.from_pretrained("t", manifest=pkg, sha256="abc")
     default = Music2Latent2.from_pretrained(manifest=pkg).source
     assert default is not None and (default.name, default.sha256) == ("default:t", digest)
     local = Music2Latent2.from_pretrained(checkpoint.parent).source
