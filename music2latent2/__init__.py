@@ -12,6 +12,7 @@ from .hub import ModelSource
 from .inference import EncoderDecoder
 from .latents_io import LatentMetadata, load_latents, save_latents
 from .model import Music2Latent2
+from .streaming import StreamingDecoder, StreamingEncoder
 
-__all__ = ["EncoderDecoder", "Music2Latent2", "ModelConfig", "ModelSource", "LatentMetadata", "save_latents",
-           "load_latents", "__version__"]
+__all__ = ["EncoderDecoder", "StreamingEncoder", "StreamingDecoder", "Music2Latent2", "ModelConfig", "ModelSource",
+           "LatentMetadata", "save_latents", "load_latents", "__version__"]

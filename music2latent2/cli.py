@@ -4,6 +4,8 @@
     music2latent2 decode      IN... -o OUT   # .m2l   -> audio at the original rate and length
     music2latent2 reconstruct IN... -o OUT   # audio  -> audio (encode + decode)
     music2latent2 features    IN... -o OUT   # audio  -> .npy per-chunk MIR features
+    music2latent2 export-torchscript -o model.ts   # a streaming TorchScript file for nn~ hosts
+    music2latent2 export-onnx -o encoder.onnx       # the encoder as an ONNX graph
 
 IN may be files or directories (searched recursively); a directory's tree is mirrored under OUT.
 Every output is written atomically, finished outputs are skipped on re-runs (unless
@@ -347,7 +349,62 @@ def build_parser() -> argparse.ArgumentParser:
                            help="output sample rate, 1000..768000 Hz (default: the original's)")
             p.add_argument("--seed", type=int, default=0, help="decoder noise seed, the same for every file")
             p.add_argument("--denoising-steps", type=_positive_int, default=1, help="consistency steps per chunk")
+    exports = {"export-torchscript": "a streaming TorchScript file for real-time hosts (nn~ for Max/MSP, Pure Data)",
+               "export-onnx": "the encoder as an ONNX graph (chunk windows -> latents, features)"}
+    for name, text in exports.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (.ts / .onnx)")
+        p.add_argument("--model", default=None,
+                       help="manifest name, checkpoint file/directory, or Hugging Face repo id org/name")
+        p.add_argument("--revision", default=None,
+                       help="with a Hugging Face repo id: branch, tag or commit sha (a commit pins it)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        if name == "export-torchscript":
+            p.add_argument("--low-latency", action="store_true",
+                           help="emit each chunk without its refinement: one chunk (743 ms) less decoder latency")
+            p.add_argument("--sigma-cond", type=float, default=0.4, help="re-noising level of the previous chunk")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    """export-torchscript / export-onnx: check the output and options, load the model, write."""
+    out = Path(args.output)
+    if out.is_dir():
+        print(f"error: -o {out} is a folder; name the file to write", file=sys.stderr)
+        return 2
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists (--overwrite to replace it)", file=sys.stderr)
+        return 2
+    sigma_cond = getattr(args, "sigma_cond", 0.4)
+    if not (0 <= sigma_cond < math.inf):
+        print(f"error: --sigma-cond must be a finite number >= 0, got {sigma_cond}", file=sys.stderr)
+        return 2
+    try:
+        check_output_dir(out.parent)
+    except OSError as err:
+        print(f"error: -o {out}: {err.strerror if err.strerror else err}", file=sys.stderr)
+        return 2
+    from .model import Music2Latent2
+
+    try:
+        model = Music2Latent2.from_pretrained(args.model, revision=args.revision)
+    except Exception as err:  # noqa: BLE001 - reported, exit 2, as for the other commands
+        print(f"error: cannot load {args.model or 'the default model'}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if args.command == "export-onnx":
+        from .onnx_export import export_onnx_encoder
+
+        try:
+            path = export_onnx_encoder(model, out)
+        except ImportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        from .torchscript import export_torchscript
+
+        path = export_torchscript(model, out, low_latency=args.low_latency, sigma_cond=sigma_cond)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
 
 
 def _output_format(args: argparse.Namespace) -> str:
@@ -481,9 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     threads = torch.get_num_threads()
     try:
-        if args.threads is not None:
+        if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
-        return _run(args)
+        return _export(args) if args.command.startswith("export-") else _run(args)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a program that has its own setting
         for sig, handler in previous.items():

@@ -218,11 +218,14 @@ class EncoderDecoder:
 
     def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(S, ac, T) waveforms -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
+        padded, _ = self.model.geometry.pad(seqs)
+        return self._encode_windows(self.model.geometry.windows(padded), max_batch_size)
+
+    def _encode_windows(self, windows: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(S, ac, chunks, span(1)) chunk windows -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
         cfg = self.config
-        padded, chunks = self.model.geometry.pad(seqs)
-        windows = self.model.geometry.windows(padded)  # (S, ac, chunks, span), a view
-        s = seqs.shape[0]
-        index = torch.arange(s * chunks, device=seqs.device)
+        s, chunks = windows.shape[0], windows.shape[2]
+        index = torch.arange(s * chunks, device=windows.device)
 
         def encode_group(idx: torch.Tensor) -> torch.Tensor:
             wav = windows[idx // chunks, :, idx % chunks]  # (n, ac, span)
@@ -239,6 +242,19 @@ class EncoderDecoder:
         return latents * cfg.latent_scale, features.contiguous()
 
     # ----------------------------------------------------------------- decode
+    def _sampler_options(self, denoising_steps: object, sigma_cond: object, seed: Optional[int],
+                         generator: Optional[torch.Generator]) -> Tuple[int, float, Optional[torch.Generator]]:
+        """Checked (denoising_steps, sigma_cond, generator); a seed becomes a generator on the model device."""
+        steps = _require_int(denoising_steps, "denoising_steps must be an integer")
+        if steps < 1:
+            raise ValueError(f"denoising_steps must be >= 1, got {steps}")
+        if not (isinstance(sigma_cond, (int, float, np.number)) and not isinstance(sigma_cond, bool)
+                and 0 <= sigma_cond < math.inf):
+            raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return steps, float(sigma_cond), generator
+
     def _prepare_latents(self, latents: Union[np.ndarray, torch.Tensor]) -> _Batch:
         cfg = self.config
         if isinstance(latents, np.ndarray):
@@ -317,13 +333,7 @@ class EncoderDecoder:
         length = total if length is None else _require_int(length, "length must be an integer number of samples")
         if not 0 < length <= total:
             raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
-        denoising_steps = _require_int(denoising_steps, "denoising_steps must be an integer")
-        if denoising_steps < 1:
-            raise ValueError(f"denoising_steps must be >= 1, got {denoising_steps}")
-        if not (isinstance(sigma_cond, (int, float, np.number)) and 0 <= sigma_cond < math.inf):
-            raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        denoising_steps, sigma_cond, generator = self._sampler_options(denoising_steps, sigma_cond, seed, generator)
 
         seq = z.reshape(b * c, cfg.latent_dim, chunks, cfg.summary_tokens).permute(0, 2, 3, 1)  # (S, T, K, d)
         seq = seq / cfg.latent_scale

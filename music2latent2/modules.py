@@ -210,7 +210,7 @@ class NoiseEmbedding(nn.Module):
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma (...) -> (..., cond_dim)."""
         c_noise = torch.log(sigma.float()) / 4
-        angles = c_noise[..., None] * self.freqs.to(sigma.device)
+        angles = c_noise[..., None] * self.freqs
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
 
 

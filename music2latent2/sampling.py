@@ -14,7 +14,7 @@ import torch
 from .edm import karras_sigmas
 from .model import Music2Latent2
 
-__all__ = ["iter_autoregressive", "iter_parallel", "noise", "map_batches"]
+__all__ = ["AutoregressiveSampler", "iter_autoregressive", "iter_parallel", "noise", "map_batches"]
 
 Out = TypeVar("Out", torch.Tensor, List[torch.Tensor])
 
@@ -89,70 +89,114 @@ def _sigma_table(levels: Sequence[float], rows: int, device: torch.device) -> to
     return torch.tensor(list(levels), dtype=torch.float32, device=device).expand(rows, len(levels)).contiguous()
 
 
-def _decode_plan(model: Music2Latent2, latents: torch.Tensor,
-                 denoising_steps: int) -> Tuple[int, int, torch.device, Tuple[int, ...], List[float]]:
-    """What both samplers need up front: (S, T, device, noise shape (S, C, F, chunk_frames), and
-    the noise levels of each chunk's consistency steps: sigma_max, then lower Karras levels)."""
+def _noise_levels(model: Music2Latent2, denoising_steps: int) -> List[float]:
+    """The noise levels of each chunk's consistency steps: sigma_max, then lower Karras levels."""
     cfg = model.config
-    s_count, t_count = latents.shape[:2]
-    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
     extra = karras_sigmas(denoising_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1:].tolist()
-    return s_count, t_count, latents.device, shape, [cfg.sigma_max] + extra
+    return [cfg.sigma_max] + extra
 
 
-def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
-                        denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
-                        max_batch_size: Optional[int] = None, pad: bool = False,
-                        ) -> Iterator[Tuple[int, torch.Tensor]]:
-    """The paper's two-step autoregressive decoding (paper IV-4; docs/design.md section 5).
+class AutoregressiveSampler:
+    """The paper's two-step autoregressive decoding, one chunk at a time (paper IV-4; docs/design.md
+    section 5).
 
     Chunk 0 is denoised alone in one step from sigma_max. For t > 0 the window
     ``[x_{t-1} + sigma_cond * eps, sigma_max * eps']`` is evaluated once: it yields chunk t and a
     refined chunk t-1, which is then final. ``denoising_steps > 1`` adds consistency steps per
     chunk: chunk t is re-noised to the next lower Karras level and the window evaluated again.
 
+    The state between chunks is the previous chunk's estimate and its decoder features, so
+    chunks can arrive one by one (streaming) and the result does not depend on how they are
+    grouped: :func:`iter_autoregressive` is this class driven over a whole latent sequence.
+
     Args:
         model: the network.
-        latents: (S, T, K, d_lat) unscaled latents (the tanh range).
+        sequences: S, the sequences decoded side by side.
+        device: where the latents and noise live.
         sigma_cond: noise level the previous chunk is re-noised to.
         denoising_steps: model evaluations per chunk (>= 1).
         generator: source of all noise, for reproducible decoding.
         max_batch_size: sequences per model evaluation.
         pad: pad every model evaluation to ``max_batch_size`` rows (static shapes for
             ``torch.compile``); see :func:`map_batches`.
+    """
+
+    def __init__(self, model: Music2Latent2, sequences: int, device: torch.device, sigma_cond: float = 0.4,
+                 denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+                 max_batch_size: Optional[int] = None, pad: bool = False) -> None:
+        cfg = model.config
+        self.model, self.sigma_cond, self.generator = model, sigma_cond, generator
+        self.max_batch_size, self.pad, self.device = max_batch_size, pad, device
+        self.shape = (sequences, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
+        self.levels = _noise_levels(model, denoising_steps)
+        # All noise levels as device tensors up front: stepping never touches the host.
+        self._single = [_sigma_table([level], sequences, device) for level in self.levels]
+        self._pairs = [_sigma_table([sigma_cond, level], sequences, device) for level in self.levels]
+        self._prev: Optional[torch.Tensor] = None  # (S, C, F, chunk_frames): latest chunk's estimate
+        self._prev_cross: List[torch.Tensor] = []
+        self.chunks = 0
+
+    def _noise(self) -> torch.Tensor:
+        return noise(self.shape, self.device, self.generator)
+
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor]) -> torch.Tensor:
+        return _evaluate(self.model, x, sigma, cross, self.max_batch_size, self.pad)
+
+    def step(self, latents: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Decode the next chunk.
+
+        Args:
+            latents: (S, K, d_lat) unscaled latents of chunk t.
+
+        Returns:
+            (chunk t-1 refined, now final (None for t = 0); chunk t's estimate (S, C, F,
+            chunk_frames), final only if no chunk follows).
+        """
+        cross = map_batches(self.model.decoder_features, self.max_batch_size, latents, pad=self.pad)
+        x = self.model.config.sigma_max * self._noise()
+        refined: Optional[torch.Tensor] = None
+        if self._prev is None:
+            cur = self._run(x[:, None], self._single[0], cross)[:, 0]
+            for step, level in enumerate(self.levels[1:], start=1):
+                x = cur + level * self._noise()
+                cur = self._run(x[:, None], self._single[step], cross)[:, 0]
+        else:
+            window_cross = _window_cross(self._prev_cross, cross)
+            for step, level in enumerate(self.levels):
+                if step > 0:
+                    x = cur + level * self._noise()
+                past = self._prev + self.sigma_cond * self._noise()
+                out = self._run(torch.stack([past, x], dim=1), self._pairs[step], window_cross)
+                refined, cur = out[:, 0], out[:, 1]
+        self._prev, self._prev_cross = cur, cross
+        self.chunks += 1
+        return refined, cur
+
+
+def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
+                        denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+                        max_batch_size: Optional[int] = None, pad: bool = False,
+                        ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Autoregressive decoding of a whole latent sequence (see :class:`AutoregressiveSampler`).
+
+    Args:
+        model: the network.
+        latents: (S, T, K, d_lat) unscaled latents (the tanh range).
+        sigma_cond / denoising_steps / generator / max_batch_size / pad: as for
+            :class:`AutoregressiveSampler`.
 
     Yields:
         (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
     """
-    s_count, t_count, device, shape, levels = _decode_plan(model, latents, denoising_steps)
-    cfg, extra_sigmas = model.config, levels[1:]
-
-    # All noise levels as device tensors up front: the loop below never touches the host.
-    single = [_sigma_table([level], s_count, device) for level in levels]
-    pairs = [_sigma_table([sigma_cond, level], s_count, device) for level in levels]
-
-    prev: Optional[torch.Tensor] = None
-    prev_cross: List[torch.Tensor] = []
-    for t in range(t_count):
-        cross = map_batches(model.decoder_features, max_batch_size, latents[:, t], pad=pad)
-        x = cfg.sigma_max * noise(shape, device, generator)
-        if prev is None:
-            cur = _evaluate(model, x[:, None], single[0], cross, max_batch_size, pad)[:, 0]
-            for step, level in enumerate(extra_sigmas, start=1):
-                x = cur + level * noise(shape, device, generator)
-                cur = _evaluate(model, x[:, None], single[step], cross, max_batch_size, pad)[:, 0]
-        else:
-            window_cross = _window_cross(prev_cross, cross)
-            for step, level in enumerate(levels):
-                if step > 0:
-                    x = cur + level * noise(shape, device, generator)
-                past = prev + sigma_cond * noise(shape, device, generator)
-                out = _evaluate(model, torch.stack([past, x], dim=1), pairs[step], window_cross, max_batch_size, pad)
-                refined, cur = out[:, 0], out[:, 1]
+    sampler = AutoregressiveSampler(model, latents.shape[0], latents.device, sigma_cond, denoising_steps,
+                                    generator, max_batch_size, pad)
+    cur = None
+    for t in range(latents.shape[1]):
+        refined, cur = sampler.step(latents[:, t])
+        if refined is not None:
             yield t - 1, refined
-        prev, prev_cross = cur, cross
-    assert prev is not None
-    yield t_count - 1, prev
+    assert cur is not None
+    yield latents.shape[1] - 1, cur
 
 
 def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
@@ -190,8 +234,11 @@ def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float
     Yields:
         (t, chunk (S, C, F, chunk_frames)) for t = 0 .. T-1, in order.
     """
-    s_count, t_count, device, shape, levels = _decode_plan(model, latents, denoising_steps)
-    cfg, extra_sigmas = model.config, levels[1:]
+    cfg = model.config
+    s_count, t_count, device = latents.shape[0], latents.shape[1], latents.device
+    shape = (s_count, cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames)
+    levels = _noise_levels(model, denoising_steps)
+    extra_sigmas = levels[1:]
     group = t_count if not max_batch_size else max(1, max_batch_size // s_count)
     single = _sigma_table([cfg.sigma_max], s_count * group, device)
     pairs = [_sigma_table([sigma_cond, level], s_count * group, device) for level in levels]

@@ -135,7 +135,7 @@ class SpectralTransform(nn.Module):
         if n < self.n_fft:
             raise ValueError(f"need at least n_fft={self.n_fft} samples, got {n}")
         wav = wav.reshape(b * c, n).float()
-        spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window.to(wav.device),
+        spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window,
                           center=False, return_complex=True)  # (B*C, n_fft/2+1, frames)
         spec = spec[:, : self.freq_bins]
         mag = spec.abs()
@@ -158,7 +158,7 @@ class SpectralTransform(nn.Module):
         spec = spec * torch.where(mag > 0, gain, torch.zeros_like(gain))
         spec = F.pad(spec, (0, 0, 0, self.n_fft // 2 + 1 - fb))  # zero bins up to Nyquist
         frames = torch.fft.irfft(spec, n=self.n_fft, dim=1)  # (B*C, n_fft, T)
-        frames = frames * self.window.to(frames.device)[:, None]
+        frames = frames * self.window[:, None]
         return frames.reshape(b, c2 // 2, self.n_fft, t)
 
     def overlap_add_frames(self, frames: torch.Tensor) -> torch.Tensor:
