@@ -3,6 +3,8 @@
 They work on unscaled latents shaped ``(S, T, K, d_lat)`` (S sequences of T chunks) and yield
 finished spectrogram chunks ``(t, (S, C, F, chunk_frames))`` in time order, so the caller can
 overlap-add each chunk into the waveform and drop it: memory stays flat in the audio length.
+:class:`AutoregressiveSampler` is the autoregressive one as a stepper, one chunk per call, for
+latents that arrive over time (``streaming.StreamingDecoder``).
 """
 
 from __future__ import annotations
