@@ -29,7 +29,7 @@ def _blockwise(method, x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def test_nn_tilde_metadata(exported: torch.jit.ScriptModule) -> None:
-    assert exported.get_methods() == ["encode", "decode", "forward"]
+    assert exported.get_methods() == ["encode", "decode", "forward"] and exported.sample_rate == 44100
     assert exported.encode_params.tolist() == [1, 1, 64, RATIO]
     assert exported.decode_params.tolist() == [64, RATIO, 1, 1]
     assert exported.forward_params.tolist() == [1, 1, 1, 1]
