@@ -210,7 +210,7 @@ class NoiseEmbedding(nn.Module):
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma (...) -> (..., cond_dim)."""
         c_noise = torch.log(sigma.float()) / 4
-        angles = c_noise[..., None] * self.freqs
+        angles = c_noise[..., None] * self.freqs  # the buffer as it is, for device-free traced graphs
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
 
 

@@ -135,6 +135,8 @@ class SpectralTransform(nn.Module):
         if n < self.n_fft:
             raise ValueError(f"need at least n_fft={self.n_fft} samples, got {n}")
         wav = wav.reshape(b * c, n).float()
+        # The window buffer is used as it is: it moves with the module, and a `.to(wav.device)`
+        # here would freeze the tracing device into exported graphs (torchscript.py).
         spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window,
                           center=False, return_complex=True)  # (B*C, n_fft/2+1, frames)
         spec = spec[:, : self.freq_bins]
