@@ -14,9 +14,10 @@ input is split into blocks: the concatenated outputs of ``push`` and ``flush`` e
   samples of STFT lead-in: 33,792 samples (766 ms). ``low_latency=True`` emits each chunk's
   first estimate instead, without its refinement: 1,024 samples (23 ms).
 
-The samplers, noise and overlap-add are the offline ones (:class:`~music2latent2.sampling.
-AutoregressiveSampler`, :class:`~music2latent2.spectral.OverlapAddStream`), so equality is by
-construction and the tests check it bit for bit.
+The sampler, noise and overlap-add are the offline ones (:class:`~music2latent2.sampling.
+AutoregressiveSampler`, :class:`~music2latent2.spectral.OverlapAddStream`), so the decoder's
+equality is by construction and the tests check it bit for bit. The encoder's holds to float32
+rounding: a block's chunks are batched together, not in ``max_batch_size`` groups.
 """
 
 from __future__ import annotations
@@ -56,11 +57,9 @@ class _Layout:
                              f"{self.leading} ({self.kind}), got {other.leading} ({other.kind}); "
                              "call reset() to start a new stream")
 
-    def give_back(self, x: torch.Tensor) -> ArrayLike:
-        """(B, ...) results -> the stream's own layout and type."""
-        if not self.batched:
-            x = x[0]
-        return x.float().cpu().numpy() if self.kind == "numpy" else x.to(self.device)
+    def give_back(self, codec: EncoderDecoder, x: torch.Tensor) -> ArrayLike:
+        """(B, ...) results -> the stream's own layout and type, as ``encode``/``decode`` give them back."""
+        return codec._give_back(x, 3 if self.batched else 2, self.kind, self.device)
 
 
 class StreamingEncoder:
@@ -117,12 +116,11 @@ class StreamingEncoder:
             check_finite(wav, "audio block")
         self._layout = self._layout or layout
         wav = wav.reshape((1, 1, -1) if wav.ndim == 1 else (-1,) + tuple(wav.shape[-2:])).to(self.codec.device)
+        g = self.codec.model.geometry
         if self._buffer is None:
-            g = self.codec.model.geometry
             self._buffer = wav.new_zeros(wav.shape[0], wav.shape[1], g.lead)
         self._buffer = torch.cat([self._buffer, wav], dim=-1)
         self.samples += wav.shape[-1]
-        g = self.codec.model.geometry
         ready = max(0, (self._buffer.shape[-1] - g.overhang) // g.chunk_samples)
         return self._emit(ready)
 
@@ -151,11 +149,13 @@ class StreamingEncoder:
             out = features if self.extract_features else latents
             self._buffer = self._buffer[..., chunks * g.chunk_samples:]
         else:
+            # No chunk yet: an empty result with the right sequence count (and the same channel
+            # check as a full one, which _sequences makes).
             rows = cfg.summary_tokens * cfg.dim if self.extract_features else cfg.latent_dim
             out = self._buffer.new_zeros(codec._sequences(self._buffer[..., :0]).shape[0], rows, 0)
         self.chunks += chunks
         b = self._layout.batch
-        return self._layout.give_back(out.reshape(b, out.shape[0] // b, *out.shape[1:]))  # (B, C, ., m)
+        return self._layout.give_back(self.codec, out.reshape(b, out.shape[0] // b, *out.shape[1:]))  # (B, C, ., m)
 
 
 class StreamingDecoder:
@@ -271,4 +271,4 @@ class StreamingDecoder:
         wav = torch.cat(pieces, dim=-1) if pieces else torch.zeros(s, self.codec.config.audio_channels, 0,
                                                                    device=self.codec.device)
         b = self._layout.batch
-        return self._layout.give_back(wav.reshape(b, wav.shape[0] * wav.shape[1] // b, wav.shape[-1]))
+        return self._layout.give_back(self.codec, wav.reshape(b, wav.shape[0] * wav.shape[1] // b, wav.shape[-1]))

@@ -25,7 +25,11 @@ a host calls one method per loaded instance (nn~ loads the file once per object)
 
 Why tracing: the networks are traced (their Python control flow is fixed per window size),
 then a scripted shell holds the streaming state. The traced graphs carry no device constants,
-so the file runs wherever the host moves it.
+so moving the module to another device moves everything it computes with. The shell writes
+the sampler step and the chunk overlap-add again in TorchScript's subset of Python (the
+originals, ``sampling.AutoregressiveSampler`` and ``spectral.OverlapAddStream``, use
+generators, batching helpers and Optional state it cannot compile); tests/test_torchscript.py
+pins them to the originals bit for bit.
 """
 
 # No `from __future__ import annotations`: TorchScript must read the annotations as types.
@@ -287,10 +291,10 @@ def export_torchscript(model: Union[Music2Latent2, str, os.PathLike, None], path
     Returns:
         The path written.
     """
+    if not 0 <= sigma_cond < float("inf"):  # before the (possibly slow) load
+        raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
     if not isinstance(model, Music2Latent2):
         model = Music2Latent2.from_pretrained(model)
-    if not 0 <= sigma_cond < float("inf"):
-        raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
     with warnings.catch_warnings():
         # Tracing warns about every Python-level shape check; each is fixed per window size by design.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

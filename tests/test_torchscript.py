@@ -91,6 +91,23 @@ def test_decode_equals_eager_after_its_latency(exported: torch.jit.ScriptModule,
     exported.reset()
 
 
+def test_sigma_cond_attribute_reaches_the_sampler(exported: torch.jit.ScriptModule,
+                                                  tiny_encdec: EncoderDecoder) -> None:
+    z = torch.tanh(torch.randn(1, 64, 24, generator=torch.Generator().manual_seed(8)))
+    assert exported.set_sigma_cond(0.1) == 0
+    exported.reset()
+    torch.manual_seed(5)
+    audio = exported.decode(z)  # (1, 1, 3 * CS)
+    exported.set_sigma_cond(0.4)
+    exported.reset()
+    torch.manual_seed(5)
+    offline = tiny_encdec.decode(z[None], sigma_cond=0.1)[0]
+    d = exported.decode_latency
+    assert torch.equal(audio[0, :, d:], offline[:, :3 * CS - d])
+    torch.manual_seed(5)
+    assert not torch.equal(offline, tiny_encdec.decode(z[None])[0])  # 0.1 and 0.4 do differ
+
+
 def test_forward_round_trip_and_reset(exported: torch.jit.ScriptModule, tiny_encdec: EncoderDecoder) -> None:
     wav = torch.randn(1, 1, 40 * RATIO, generator=torch.Generator().manual_seed(2)) * 0.3
     exported.reset()
