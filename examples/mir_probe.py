@@ -5,9 +5,10 @@
 DATA_DIR holds one folder per class (``DATA_DIR/<label>/**/*.wav``; the label is the top-level
 folder name). Features come from ``music2latent2 features DATA_DIR -o FEATS --mono``: one .npy per
 file of shape (K*dim, chunks); they are averaged over chunks to one vector per file, standardised
-with training-set statistics, and a linear probe (ridge least-squares regression onto one-hot
-labels, closed form, numpy only) is fitted on a stratified, seeded train/test split.
-Prints train/test accuracy next to the majority-class baseline.
+with training-set statistics, and a linear probe (multinomial logistic regression,
+:mod:`music2latent2.probe`, its L2 penalty chosen on a validation split of the training files)
+is fitted on a stratified, seeded train/test split. Prints train/test accuracy and the test
+macro AUC (one-vs-rest ROC AUC averaged over classes) next to the majority-class baseline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from music2latent2.audio import find_audio_files
 from music2latent2.cli import main as cli_main
+from music2latent2.probe import evaluate_probe, stratified_split
 
 
 def count_labelled_files(data_dir: Path) -> Dict[str, int]:
@@ -62,55 +64,18 @@ def load_features(features_dir: Path) -> Tuple[np.ndarray, List[str]]:
     return np.stack(xs).astype(np.float32), labels
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test): per class, a seeded shuffle, ``test_fraction`` of it (at least one
-    item when the class has two or more) goes to the test set."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_test = int(round(len(idx) * test_fraction)) if len(idx) > 1 else 0
-        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        test.extend(idx[:n_test])
-        train.extend(idx[n_test:])
-    return np.array(sorted(train)), np.array(sorted(test))
-
-
-def fit_linear_probe(x: np.ndarray, y: np.ndarray, classes: int, ridge: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """Least-squares (ridge) linear classifier on one-hot targets: the closed-form linear probe.
-
-    Args:
-        x: (N, D) standardised features; y: (N,) class indices.
-
-    Returns:
-        (weights (D, classes), bias (classes,)); predict with ``argmax(x @ W + b)``.
-    """
-    targets = np.eye(classes)[y]  # (N, classes)
-    x_mean, t_mean = x.mean(0), targets.mean(0)
-    xc, tc = (x - x_mean).astype(np.float64), targets - t_mean
-    n, d = xc.shape
-    if d <= n:  # primal: (X^T X + r I) W = X^T T
-        w = np.linalg.solve(xc.T @ xc + ridge * np.eye(d), xc.T @ tc)
-    else:  # dual, cheaper with few files and many dims: W = X^T (X X^T + r I)^-1 T
-        w = xc.T @ np.linalg.solve(xc @ xc.T + ridge * np.eye(n), tc)
-    return w, t_mean - x_mean @ w
-
-
 def run_probe(x: np.ndarray, labels: List[str], test_fraction: float = 0.25, seed: int = 0) -> Dict[str, float]:
+    """Fit and score a logistic probe on a stratified split: accuracies, macro AUC, baseline."""
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
     train, test = stratified_split(y, test_fraction, seed)
     if len(test) == 0 or len(names) < 2:
         raise ValueError("need at least 2 classes and 2 files per class for a train/test split")
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6  # training statistics only: no test leakage
-    xs = (x - mu) / sd
-    w, b = fit_linear_probe(xs[train], y[train], len(names))
-    pred = (xs @ w + b).argmax(-1)
+    score = evaluate_probe(x[train], y[train], x[test], y[test], len(names), seed=seed)
     majority = np.bincount(y[train]).argmax()
     return {"classes": len(names), "train_files": len(train), "test_files": len(test),
-            "train_accuracy": float((pred[train] == y[train]).mean()),
-            "test_accuracy": float((pred[test] == y[test]).mean()),
-            "majority_baseline": float((y[test] == majority).mean())}
+            "train_accuracy": score.train_accuracy, "test_accuracy": score.accuracy,
+            "test_macro_auc": score.macro_auc, "majority_baseline": float((y[test] == majority).mean())}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         x, labels = load_features(feats_dir)
     result = run_probe(x, labels, args.test_fraction, args.seed)
     print(f"{result['classes']} classes, {result['train_files']} train / {result['test_files']} test files: "
-          f"train accuracy {result['train_accuracy']:.3f}, test accuracy {result['test_accuracy']:.3f} "
-          f"(majority baseline {result['majority_baseline']:.3f})")
+          f"train accuracy {result['train_accuracy']:.3f}, test accuracy {result['test_accuracy']:.3f}, "
+          f"test macro AUC {result['test_macro_auc']:.3f} "
+          f"(majority baseline accuracy {result['majority_baseline']:.3f})")
     return status  # 1 when some files failed (the probe covers the rest)
 
 
