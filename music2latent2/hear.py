@@ -168,8 +168,12 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
     chunk = model.network.config.chunk_samples
     offsets = model.offsets()
     half = chunk // 2
-    padded = F.pad(wav, (half, 0))  # (B, half + T): chunk t of a pass at offset o is centred on t*chunk + o
-    passes = torch.stack([F.pad(padded[:, o:], (0, o)) for o in offsets], dim=1)  # (B, P, half + T)
+    length = half + n
+    # Pass j reads the audio from offset o_j - half: its chunk t is centred on sample t*chunk + o_j.
+    # Zeros after the end as well, so every pass has the same length even when an offset lies
+    # beyond the end of a short sound.
+    padded = F.pad(wav, (half, chunk))  # (B, half + T + chunk)
+    passes = torch.stack([padded[:, o:o + length] for o in offsets], dim=1)  # (B, P, half + T)
     features = model.codec().encode(passes.reshape(b * len(offsets), 1, -1), model.sample_rate,
                                     extract_features=True)  # (B*P, 1, D, chunks)
     features = features.reshape(b, len(offsets), features.shape[-2], features.shape[-1]).float()

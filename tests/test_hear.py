@@ -93,6 +93,16 @@ def test_scene_embedding_is_the_chunk_mean_and_batch_independent(model: hear.Hea
     torch.testing.assert_close(hear.get_scene_embeddings(audio.numpy(), model), scene)
 
 
+def test_sounds_shorter_than_the_shifted_passes() -> None:
+    """With a fine hop, most passes start past the end of a 0.1 s sound; each still counts."""
+    model = hear.HearModel(make_tiny(seed=3), hop_ms=50)
+    for samples in (1, 4410, CHUNK // 2 + 1):
+        emb, ts = hear.get_timestamp_embeddings(_noise(2, samples / SR), model)
+        count = int(np.floor(samples / (CHUNK / 15))) + 1
+        assert emb.shape == (2, count, model.timestamp_embedding_size) and ts.shape == (2, count)
+        assert float(ts.max()) <= 1000 * samples / SR and torch.isfinite(emb).all()
+
+
 def test_stereo_model_takes_mono_audio() -> None:
     model = hear.HearModel(make_tiny(audio_channels=2, seed=4))
     emb, ts = hear.get_timestamp_embeddings(_noise(2, 1.0), model)

@@ -108,6 +108,9 @@ def test_benchmark_refuses_one_soundfont(bench: ModuleType, soundfont: Path, cap
     with pytest.raises(SystemExit):
         bench.main(["--soundfont", str(soundfont), "--soundfont", "/nonexistent.sf2", "--no-write"])
     assert "soundfont not found: /nonexistent.sf2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--soundfont", str(soundfont), "--soundfont", str(soundfont), "--device", "nonsense"])
+    assert "not a device name PyTorch knows" in capsys.readouterr().err
     from music2latent2.training.corpus.sources import CorpusError
 
     def no_apt(cache: Path) -> list:
