@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_sections import replace_section  # noqa: E402
+from bench_report import git_commit, replace_section  # noqa: E402
 
 from music2latent2.config import ModelConfig  # noqa: E402
 from music2latent2.inference import EncoderDecoder  # noqa: E402
@@ -231,11 +230,7 @@ def machine() -> Dict[str, str]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     try:
         from importlib.metadata import version
         v1 = version("music2latent")

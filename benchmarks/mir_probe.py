@@ -31,7 +31,6 @@ import argparse
 import io
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown_sections import replace_section  # noqa: E402
+from bench_report import git_commit, replace_section  # noqa: E402
 
 from music2latent2 import Music2Latent2  # noqa: E402
 from music2latent2.devices import resolve_device  # noqa: E402
@@ -251,14 +250,6 @@ def model_label(network: Music2Latent2, given: Optional[str]) -> Tuple[str, str]
     if "/" in name and Path(name).exists():  # a local path: its file or folder name is enough
         name = Path(name).name
     return f"{name} (sha256 {source.sha256[:12]})", f"mir-probe {name} {source.sha256[:12]}"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()  # "-dirty": measured with uncommitted changes
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(times: Dict[str, float], what: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -26,7 +26,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import git_commit  # noqa: E402
 
 from music2latent2 import EncoderDecoder, StreamingDecoder, StreamingEncoder  # noqa: E402
 from music2latent2.audio import load_audio, resample  # noqa: E402
@@ -153,11 +154,7 @@ def main() -> None:
             rows.append(_row(f"nn~ encode ({cs}-sample blocks)", threads, enc_t, chunk_s, enc_lat, sr))
             rows.append(_row(f"nn~ decode ({cs}-sample blocks)", threads, dec_t, chunk_s, dec_lat, sr))
 
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     source = codec.model.source.name if codec.model.source is not None else "in-memory"
     print(f"model {source} ({codec.model.num_parameters() / 1e6:.1f} M params), {args.chunks} chunks of "
           f"{chunk_s * 1000:.0f} ms, float32; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -117,6 +117,8 @@ def test_load_model_from_a_checkpoint_and_module_moves(tmp_path: Path) -> None:
     assert model.network.source is not None and model.network.source.path.parent == tmp_path / "ckpt"
     model.to("cpu")  # what hear-validator and hear-eval-kit do; the next call follows the module
     assert model.codec().device == torch.device("cpu")
+    moved = hear.HearModel(make_tiny(seed=5)).to("meta")  # another device: each call's codec follows the module
+    assert moved.codec().device == torch.device("meta") and moved.codec().model is moved.network
     with pytest.raises(ValueError, match="hop_ms must be a positive number"):
         hear.load_model(str(tmp_path / "ckpt"), hop_ms=0)
     with pytest.raises(ValueError, match="finest hop"):

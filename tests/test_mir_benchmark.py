@@ -125,7 +125,7 @@ def test_benchmark_refuses_one_soundfont(bench: ModuleType, soundfont: Path, cap
 def test_sections_are_replaced_in_place(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        sections = _load("markdown_sections")
+        sections = _load("bench_report")
     finally:
         sys.path.remove(str(BENCHMARKS))
     path = tmp_path / "B.md"

@@ -1,4 +1,6 @@
-"""Keep generated sections of BENCHMARKS.md apart, so one benchmark's rewrite leaves the others.
+"""What the benchmark scripts share: the commit they measured, and their sections of BENCHMARKS.md.
+
+Generated sections are kept apart, so one benchmark's rewrite leaves the others.
 
 A section sits between ``<!-- begin: KEY -->`` and ``<!-- end: KEY -->`` lines. Writing it
 replaces that span if the file has it, or appends the section otherwise; everything outside it
@@ -8,9 +10,20 @@ is kept byte for byte, and the file is replaced atomically (temp file + rename).
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 TITLE = "# Benchmarks\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """The checked-out commit, with "-dirty" when the tree has uncommitted changes; "?" without git."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=False).stdout.strip() or "?"
+    except OSError:
+        return "?"
 
 
 def begin_marker(key: str) -> str:
