@@ -33,6 +33,13 @@ from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio
 from .devices import resolve_device
 from .fileio import atomic_write, check_output_dir, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
+from .sampling import (
+    DEFAULT_DENOISING_STEPS,
+    DEFAULT_SIGMA_COND,
+    MAX_DENOISING_STEPS,
+    check_denoising_steps,
+    check_sigma_cond,
+)
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
 
@@ -93,6 +100,21 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
     return value
+
+
+def _denoising_steps(text: str) -> int:
+    try:
+        return check_denoising_steps(_parse_int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sigma_cond(text: str) -> float:
+    """Positive and finite here; the model's own [sigma_min, sigma_max] is checked once it is loaded."""
+    try:
+        return check_sigma_cond(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _sample_rate(text: str) -> int:
@@ -271,7 +293,8 @@ class Runner:
         chunks = latents.shape[-1] // cfg.summary_tokens
         n_model = min(math.ceil(meta.length * cfg.sample_rate / meta.sample_rate), chunks * cfg.chunk_samples)
         wav = self.encdec.decode(torch.from_numpy(latents), length=n_model, denoising_steps=self.args.denoising_steps,
-                                 seed=self.args.seed)  # (C_out, n_model), seeded per file
+                                 sigma_cond=self.args.sigma_cond, seed=self.args.seed,
+                                 gain=meta.gain)  # (C_out, n_model), seeded per file, at the original level
         if downmix:
             wav = wav.mean(dim=0, keepdim=True)
         sr = self.args.sr or meta.sample_rate
@@ -279,14 +302,14 @@ class Runner:
         wav = _fit_length(resample(wav.float().cpu(), cfg.sample_rate, sr), length)
         return wav.numpy(), sr
 
-    def _metadata(self, job: Job, audio: LoadedAudio) -> LatentMetadata:
+    def _metadata(self, job: Job, audio: LoadedAudio, gain: float) -> LatentMetadata:
         cfg = self.cfg
         return LatentMetadata(sample_rate=audio.sr, length=audio.length, channels=audio.channels,
                               summary_tokens=cfg.summary_tokens, latent_dim=cfg.latent_dim,
                               latent_scale=cfg.latent_scale, model_sample_rate=cfg.sample_rate,
                               chunk_samples=cfg.chunk_samples, model_name=self.model_name,
                               model_sha256=self.model_sha, model_audio_channels=cfg.audio_channels,
-                              extra={"source": job.key})
+                              gain=gain, extra={"source": job.key})
 
     def process(self, job: Job, loaded: Any) -> float:
         cmd, ed = self.args.command, self.encdec
@@ -296,12 +319,15 @@ class Runner:
             _write_audio(job.dst, wav, sr, self.args.format)
             return meta.duration
         audio: LoadedAudio = loaded
+        normalize = not self.args.no_normalize
         if cmd == "features":
-            feats = ed.encode(audio.wav, sr=self.cfg.sample_rate, extract_features=True).float().cpu().numpy()
+            feats = ed.encode(audio.wav, sr=self.cfg.sample_rate, extract_features=True,
+                              normalize=normalize).float().cpu().numpy()
             _write_npy(job.dst, feats[0] if feats.shape[0] == 1 else feats)  # mono: (K*dim, chunks)
             return audio.seconds
-        latents = ed.encode(audio.wav, sr=self.cfg.sample_rate).float().cpu()  # (C, d_lat, L)
-        meta = self._metadata(job, audio)
+        latents, gain = ed.encode(audio.wav, sr=self.cfg.sample_rate, normalize=normalize, return_gain=True)
+        meta = self._metadata(job, audio, float(gain))
+        latents = latents.float().cpu()  # (C, d_lat, L)
         if cmd == "encode":
             save_latents(job.dst, latents, meta)
         else:
@@ -342,13 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name in ("encode", "features"):
             p.add_argument("--mono", action="store_true", help="average channels before encoding")
+        if name in ("encode", "features", "reconstruct"):
+            p.add_argument("--no-normalize", action="store_true",
+                           help="encode at the audio's own level (default: bring each file's peak to the model's "
+                                "input level first; decode restores the original level)")
         if name in ("decode", "reconstruct"):
             p.add_argument("--format", default=None, choices=["wav", "flac"],
                            help="output audio format (default: from -o when it names one .wav/.flac file, else wav)")
             p.add_argument("--sr", type=_sample_rate, default=None,
                            help="output sample rate, 1000..768000 Hz (default: the original's)")
             p.add_argument("--seed", type=int, default=0, help="decoder noise seed, the same for every file")
-            p.add_argument("--denoising-steps", type=_positive_int, default=1, help="consistency steps per chunk")
+            p.add_argument("--denoising-steps", type=_denoising_steps, default=DEFAULT_DENOISING_STEPS,
+                           help=f"consistency steps per chunk, 1..{MAX_DENOISING_STEPS} (paper: 1)")
+            p.add_argument("--sigma-cond", type=_sigma_cond, default=DEFAULT_SIGMA_COND,
+                           help="re-noising level of the previous chunk (paper: 0.4)")
     exports = {"export-torchscript": "a streaming TorchScript file for real-time hosts (nn~ for Max/MSP, Pure Data)",
                "export-onnx": "the encoder as an ONNX graph (chunk windows -> latents, features)"}
     for name, text in exports.items():
@@ -362,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-torchscript":
             p.add_argument("--low-latency", action="store_true",
                            help="emit each chunk without its refinement: one chunk (743 ms) less decoder latency")
-            p.add_argument("--sigma-cond", type=float, default=0.4, help="re-noising level of the previous chunk")
+            p.add_argument("--sigma-cond", type=_sigma_cond, default=DEFAULT_SIGMA_COND,
+                           help="re-noising level of the previous chunk (paper: 0.4)")
     return parser
 
 
@@ -375,10 +409,7 @@ def _export(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists (--overwrite to replace it)", file=sys.stderr)
         return 2
-    sigma_cond = getattr(args, "sigma_cond", 0.4)
-    if not (0 <= sigma_cond < math.inf):
-        print(f"error: --sigma-cond must be a finite number >= 0, got {sigma_cond}", file=sys.stderr)
-        return 2
+    sigma_cond = getattr(args, "sigma_cond", DEFAULT_SIGMA_COND)
     try:
         check_output_dir(out.parent)
     except OSError as err:

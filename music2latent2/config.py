@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["ModelConfig", "PRESETS", "FIELD_LIMITS"]
+__all__ = ["ModelConfig", "PRESETS", "FIELD_LIMITS", "ADDED_FIELDS"]
 
 
 @dataclass
@@ -47,6 +47,10 @@ class ModelConfig:
         noise_embed_dim: channels of the sinusoidal noise-level embedding.
         cond_dim: width of the noise-conditioning vector fed to AdaLN.
         sigma_min / sigma_max / sigma_data / rho: EDM constants.
+        input_peak_db: the peak level (dBFS) ``EncoderDecoder.encode`` brings each signal to
+            before encoding, and ``decode(..., gain=)`` undoes: the level at which this model
+            reconstructs best (the middle of its training gains, or measured on held-out music;
+            docs/levels.md). None: audio is encoded at whatever level it comes.
     """
 
     audio_channels: int = 1
@@ -75,6 +79,7 @@ class ModelConfig:
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     rho: float = 7.0
+    input_peak_db: Optional[float] = -6.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,9 +164,11 @@ class ModelConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {unknown}")
-        missing = [name for name in known if name not in data]
+        missing = [name for name in known if name not in data and name not in ADDED_FIELDS]
         if require_all and missing:
             raise ValueError(f"missing ModelConfig fields: {missing}")
+        if require_all:  # a checkpoint written before a field existed behaves as it did then
+            data = {**{k: v for k, v in ADDED_FIELDS.items() if k not in data}, **data}
         return cls(**data)
 
     @classmethod
@@ -217,7 +224,13 @@ FIELD_LIMITS: Dict[str, Tuple[type, float, float]] = {
     "sigma_max": (float, 1e-9, 1e6),
     "sigma_data": (float, 1e-9, 1e6),
     "rho": (float, 1e-3, 1e3),
+    "input_peak_db": (float, -80.0, 0.0),
 }
+# Fields that may be None.
+_OPTIONAL_FIELDS = ("input_peak_db",)
+# Fields added after checkpoints were first written, with the value that keeps such a checkpoint
+# working exactly as before (no input normalisation).
+ADDED_FIELDS: Dict[str, Any] = {"input_peak_db": None}
 _LIST_FIELDS = ("channels", "layers", "freq_down", "time_down")
 _MAX_LEVELS = 16
 
@@ -238,6 +251,8 @@ def _check_fields(config: "ModelConfig") -> None:
     for f in dataclasses.fields(config):
         kind, low, high = FIELD_LIMITS[f.name]
         value = getattr(config, f.name)
+        if value is None and f.name in _OPTIONAL_FIELDS:
+            continue
         if f.name in _LIST_FIELDS:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"ModelConfig field {f.name} must be a list of integers, got {value!r}")

@@ -2,8 +2,10 @@
 
 Encodes and decodes every audio file under DIR and reports, per file and on average, SI-SDR,
 the multi-resolution log-mel L1 distance, ViSQOL (audio mode, if ``visqol-python`` is
-installed and runs; otherwise null with the reason) and the real-time factors of encode and
-decode (seconds of compute per second of audio). Writes ``results.json`` and ``results.md``.
+installed and runs; otherwise null with the reason), the level of the reconstruction relative to
+the input (dB), the real-time factors of encode and decode (seconds of compute per second of
+audio), and the latent health of all files' latents together
+(:mod:`~music2latent2.latent_health`). Writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ import torch
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio, resample
 from .fileio import atomic_write
 from .inference import EncoderDecoder
+from .latent_health import HEALTH_KEYS, chunk_embeddings, latent_health
 from .metrics import multires_logmel_distance, si_sdr
+from .sampling import DEFAULT_DENOISING_STEPS, DEFAULT_SIGMA_COND
 
 __all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "evaluate_files", "main"]
 
-METRICS = ("si_sdr", "logmel_distance", "visqol", "encode_rtf", "decode_rtf")
+METRICS = ("si_sdr", "logmel_distance", "visqol", "level_db", "encode_rtf", "decode_rtf")
+
+
+def level_difference_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Power of ``estimate`` relative to ``reference`` in dB (0: the same level; -9: 9 dB too quiet)."""
+    ref = float(np.mean(np.square(reference, dtype=np.float64)))
+    est = float(np.mean(np.square(estimate, dtype=np.float64)))
+    return 10 * math.log10(max(est, 1e-20) / max(ref, 1e-20))
 
 
 class ViSQOL:
@@ -72,13 +83,18 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None = None,
-                  visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
-                  mode: str = "autoregressive") -> Dict[str, Any]:
+                  visqol: ViSQOL | None = None, denoising_steps: int = DEFAULT_DENOISING_STEPS, seed: int = 0,
+                  mode: str = "autoregressive", sigma_cond: float = DEFAULT_SIGMA_COND,
+                  normalize: bool = True) -> Dict[str, Any]:
     """Reconstruct one file and measure it (``mode``: the decoder's, autoregressive or parallel).
+
+    The file is reconstructed as a user's would be: encoded with ``normalize`` and decoded back to
+    its own level with the gain ``encode`` returned.
 
     Returns:
         {"file", "seconds", "channels", "si_sdr", "logmel_distance", "visqol", "visqol_error",
-        "encode_rtf", "decode_rtf"}.
+        "level_db", "encode_rtf", "decode_rtf", "chunk_latents"}; ``chunk_latents`` is
+        (chunks, K, d_lat) for :func:`~music2latent2.latent_health.latent_health`, not a metric.
     """
     data, sr = load_audio(path)
     sr_model = encdec.sample_rate
@@ -90,10 +106,11 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
     device = encdec.device
     _sync(device)
     t0 = time.perf_counter()
-    z = encdec.encode(data, sr=sr_model)
+    z, gain = encdec.encode(data, sr=sr_model, normalize=normalize, return_gain=True)
     _sync(device)
     t1 = time.perf_counter()
-    rec = encdec.decode(z, length=data.shape[-1], denoising_steps=denoising_steps, seed=seed, mode=mode)
+    rec = encdec.decode(z, length=data.shape[-1], denoising_steps=denoising_steps, seed=seed, mode=mode,
+                        sigma_cond=sigma_cond, gain=gain)
     _sync(device)
     t2 = time.perf_counter()
     rec = np.asarray(rec, dtype=np.float32)
@@ -105,8 +122,10 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
     result["logmel_distance"] = multires_logmel_distance(data, rec, sr_model)
     score, error = visqol.score(data, rec, sr_model) if visqol is not None else (None, "not requested")
     result["visqol"], result["visqol_error"] = score, error
+    result["level_db"] = level_difference_db(data, rec)
     result["encode_rtf"] = (t1 - t0) / seconds
     result["decode_rtf"] = (t2 - t1) / seconds
+    result["chunk_latents"] = chunk_embeddings(z, encdec.config.summary_tokens)
     return result
 
 
@@ -116,19 +135,28 @@ def _mean(rows: Sequence[Dict[str, Any]], key: str) -> float | None:
 
 
 def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: float | None = None,
-                   visqol: ViSQOL | None = None, denoising_steps: int = 1, seed: int = 0,
-                   verbose: bool = False, mode: str = "autoregressive") -> Dict[str, Any]:
-    """Evaluate several files. Returns {"files": [per-file dicts], "mean": {metric: value|None}}."""
+                   visqol: ViSQOL | None = None, denoising_steps: int = DEFAULT_DENOISING_STEPS, seed: int = 0,
+                   verbose: bool = False, mode: str = "autoregressive", sigma_cond: float = DEFAULT_SIGMA_COND,
+                   normalize: bool = True) -> Dict[str, Any]:
+    """Evaluate several files.
+
+    Returns:
+        {"files": [per-file dicts], "mean": {metric: value|None}, "latent_health": {...}}: the
+        latent health of every file's latents taken together, each file a clip.
+    """
     if not files:
         raise ValueError("no audio files to evaluate")
     rows = []
+    clips = []
     for path in files:
-        row = evaluate_file(encdec, path, max_seconds, visqol, denoising_steps, seed, mode)
+        row = evaluate_file(encdec, path, max_seconds, visqol, denoising_steps, seed, mode, sigma_cond, normalize)
+        clips.append(row.pop("chunk_latents"))
         rows.append(row)
         if verbose:
             print(f"{Path(path).name}: " + ", ".join(_fmt(k, row[k]) for k in METRICS), flush=True)
     mean = {k: _mean(rows, k) for k in METRICS}
-    return {"files": rows, "mean": mean}
+    health = {k: (v if math.isfinite(v) else None) for k, v in latent_health(clips).items()}
+    return {"files": rows, "mean": mean, "latent_health": health}
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -137,8 +165,8 @@ def _fmt(key: str, value: float | None) -> str:
 
 def markdown_table(report: Dict[str, Any]) -> str:
     """Per-file rows and a mean row, as a markdown table."""
-    head = "| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | encode RTF | decode RTF |"
-    lines = [head, "|" + " --- |" * 7]
+    head = "| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | level (dB) | encode RTF | decode RTF |"
+    lines = [head, "|" + " --- |" * 8]
 
     def cell(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -148,6 +176,10 @@ def markdown_table(report: Dict[str, Any]) -> str:
                      " | ".join(cell(r[k]) for k in METRICS) + " |")
     total = sum(r["seconds"] for r in report["files"])
     lines.append(f"| **mean** | {total:.1f} | " + " | ".join(cell(report["mean"][k]) for k in METRICS) + " |")
+    if report.get("latent_health"):
+        health = report["latent_health"]
+        lines += ["", "Latent health (all files' latents; docs/recipe.md): " + ", ".join(
+            f"{k.replace('_', ' ')} {cell(health.get(k))}" for k in HEALTH_KEYS)]
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-files", type=int, default=None, help="evaluate only the first N files")
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--denoising-steps", type=int, default=1)
+    parser.add_argument("--denoising-steps", type=int, default=DEFAULT_DENOISING_STEPS)
+    parser.add_argument("--sigma-cond", type=float, default=DEFAULT_SIGMA_COND,
+                        help="re-noising level of the previous chunk (paper: 0.4)")
+    parser.add_argument("--no-normalize", action="store_true",
+                        help="encode each file at its own level (default: at the model's input level, restored after)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="autoregressive", choices=["autoregressive", "parallel"],
                         help="decoding mode")
@@ -180,9 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not visqol.available:
         print(f"ViSQOL: null ({visqol.reason})", file=sys.stderr)
     report = evaluate_files(encdec, files, args.max_seconds, visqol, args.denoising_steps, args.seed, verbose=True,
-                            mode=args.mode)
+                            mode=args.mode, sigma_cond=args.sigma_cond, normalize=not args.no_normalize)
     report["model"] = str(args.model)
     report["mode"] = args.mode
+    report["decoding"] = {"denoising_steps": args.denoising_steps, "sigma_cond": args.sigma_cond,
+                          "normalize": not args.no_normalize}
     report["visqol_note"] = visqol.reason
     table = markdown_table(report)
     print(table)

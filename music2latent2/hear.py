@@ -35,6 +35,7 @@ from torch import nn
 
 from .devices import DeviceLike, resolve_device
 from .inference import EncoderDecoder
+from .levels import normalization_gain
 from .model import Music2Latent2
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
@@ -143,6 +144,7 @@ def get_scene_embeddings(audio: Union[torch.Tensor, np.ndarray], model: HearMode
     """
     wav = _check_audio(audio, model)
     features = model.codec().encode(wav[:, None, :], model.sample_rate, extract_features=True)  # (B, 1, D, chunks)
+    # encode() brings each sound's peak to the model's input level: embeddings do not depend on the gain.
     return features[:, 0].float().mean(dim=-1)  # (B, D)
 
 
@@ -164,6 +166,9 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
         timestamps (n_sounds, n_timestamps) in milliseconds, both on the audio's device.
     """
     wav = _check_audio(audio, model)
+    # Each sound at the model's input level, by its own peak, as in get_scene_embeddings; the
+    # passes below are then encoded as they are (a pass's own peak may differ from the sound's).
+    wav = wav * normalization_gain(wav[:, None], model.network.config.input_peak_db).to(wav.dtype)[:, None]
     b, n = wav.shape
     chunk = model.network.config.chunk_samples
     offsets = model.offsets()
@@ -175,7 +180,7 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
     padded = F.pad(wav, (half, chunk))  # (B, half + T + chunk)
     passes = torch.stack([padded[:, o:o + length] for o in offsets], dim=1)  # (B, P, half + T)
     features = model.codec().encode(passes.reshape(b * len(offsets), 1, -1), model.sample_rate,
-                                    extract_features=True)  # (B*P, 1, D, chunks)
+                                    extract_features=True, normalize=False)  # (B*P, 1, D, chunks)
     features = features.reshape(b, len(offsets), features.shape[-2], features.shape[-1]).float()
     chunks = features.shape[-1]
     centres = (torch.arange(chunks)[:, None] * chunk + torch.tensor(offsets)[None, :]).reshape(-1)  # (chunks*P,)

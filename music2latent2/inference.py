@@ -11,10 +11,9 @@ samples, the span the latents stand for.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator, Optional, Tuple, Union, overload
+from typing import Any, ContextManager, Iterator, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -22,8 +21,17 @@ import torch
 from .audio import AudioLike, check_finite, check_sample_rate, check_time_last, load_audio, resample, to_float_array
 from .config import ModelConfig
 from .devices import DeviceLike, resolve_device
+from .levels import GainLike, check_gain, normalization_gain
 from .model import Music2Latent2
-from .sampling import iter_autoregressive, iter_parallel, map_batches
+from .sampling import (
+    DEFAULT_DENOISING_STEPS,
+    DEFAULT_SIGMA_COND,
+    check_denoising_steps,
+    check_sigma_cond,
+    iter_autoregressive,
+    iter_parallel,
+    map_batches,
+)
 from .spectral import OverlapAddStream
 
 __all__ = ["EncoderDecoder"]
@@ -182,15 +190,28 @@ class EncoderDecoder:
     # numpy arrays and file paths give numpy, tensors give tensors: the overloads tell type checkers.
     @overload
     def encode(self, audio: Union[str, os.PathLike, np.ndarray], sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ...) -> np.ndarray: ...
+               max_batch_size: Optional[int] = ..., normalize: bool = ...,
+               return_gain: Literal[False] = ...) -> np.ndarray: ...
 
     @overload
     def encode(self, audio: torch.Tensor, sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ...) -> torch.Tensor: ...
+               max_batch_size: Optional[int] = ..., normalize: bool = ...,
+               return_gain: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def encode(self, audio: Union[str, os.PathLike, np.ndarray], sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., *,
+               return_gain: Literal[True]) -> Tuple[np.ndarray, Union[float, np.ndarray]]: ...
+
+    @overload
+    def encode(self, audio: torch.Tensor, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., *,
+               return_gain: Literal[True]) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]: ...
 
     @torch.inference_mode()
     def encode(self, audio: AudioLike, sr: int = 44100, extract_features: bool = False,
-               max_batch_size: Optional[int] = None) -> Union[np.ndarray, torch.Tensor]:
+               max_batch_size: Optional[int] = None, normalize: bool = True,
+               return_gain: bool = False) -> Any:
         """Encode audio into latents (or MIR features).
 
         Args:
@@ -199,6 +220,14 @@ class EncoderDecoder:
             sr: sample rate of an array/tensor input (ignored for paths); resampled to 44.1 kHz.
             extract_features: return per-chunk features instead of latents.
             max_batch_size: chunks per encoder forward pass.
+            normalize: first multiply each signal (each batch item, all its channels together)
+                by the gain that brings its peak to ``config.input_peak_db``, the level the model
+                reconstructs best (:mod:`~music2latent2.levels`). Latents of quiet and loud
+                versions of a recording are then the same. No effect for a model whose
+                ``input_peak_db`` is None.
+            return_gain: also return the gain applied (1.0 without ``normalize``): a float for
+                (T,) or (C, T) input, one per item for (B, C, T). ``decode(z, gain=gain)`` restores
+                the original level.
 
         Returns:
             Latents (C, d_lat, L) for (T,) or (C, T) input, (B, C, d_lat, L) for (B, C, T), with
@@ -206,15 +235,23 @@ class EncoderDecoder:
             ``config.latent_scale``. C is 1 for (T,) input and for a stereo model. With
             ``extract_features``: (C, K * dim, chunks) (or with a leading B), the K summary
             embeddings before the encoder's last linear layer, stacked. numpy in -> numpy out;
-            torch in -> torch out on the input's device; path in -> numpy out.
+            torch in -> torch out on the input's device; path in -> numpy out. With
+            ``return_gain``: ``(latents, gain)``.
         """
         batch = self._prepare_audio(audio, sr)
         b = batch.wav.shape[0]
-        seqs = self._sequences(batch.wav)  # (S, ac, T)
+        gain = normalization_gain(batch.wav, self.config.input_peak_db) if normalize else \
+            torch.ones(b, device=batch.wav.device)
+        seqs = self._sequences(batch.wav * gain[:, None, None])  # (S, ac, T)
         latents, features = self._encode_sequences(seqs, self._batch_size(max_batch_size))
         out = features if extract_features else latents
         out = out.reshape(b, -1, *out.shape[1:])  # (B, C, ., .)
-        return self._give_back(out, batch.ndim, batch.kind, batch.device)
+        result = self._give_back(out, batch.ndim, batch.kind, batch.device)
+        if not return_gain:
+            return result
+        if batch.ndim != 3:
+            return result, float(gain[0])
+        return result, gain.cpu().numpy() if batch.kind == "numpy" else gain.to(batch.device)
 
     def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(S, ac, T) waveforms -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
@@ -245,15 +282,11 @@ class EncoderDecoder:
     def _sampler_options(self, denoising_steps: object, sigma_cond: object, seed: Optional[int],
                          generator: Optional[torch.Generator]) -> Tuple[int, float, Optional[torch.Generator]]:
         """Checked (denoising_steps, sigma_cond, generator); a seed becomes a generator on the model device."""
-        steps = _require_int(denoising_steps, "denoising_steps must be an integer")
-        if steps < 1:
-            raise ValueError(f"denoising_steps must be >= 1, got {steps}")
-        if not (isinstance(sigma_cond, (int, float, np.number)) and not isinstance(sigma_cond, bool)
-                and 0 <= sigma_cond < math.inf):
-            raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
+        steps = check_denoising_steps(denoising_steps)
+        sigma = check_sigma_cond(sigma_cond, self.config.sigma_min, self.config.sigma_max)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        return steps, float(sigma_cond), generator
+        return steps, sigma, generator
 
     def _prepare_latents(self, latents: Union[np.ndarray, torch.Tensor]) -> _Batch:
         cfg = self.config
@@ -284,18 +317,21 @@ class EncoderDecoder:
     @overload
     def decode(self, latents: np.ndarray, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
                denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
-               generator: Optional[torch.Generator] = ..., mode: str = ...) -> np.ndarray: ...
+               generator: Optional[torch.Generator] = ..., mode: str = ...,
+               gain: Optional[GainLike] = ...) -> np.ndarray: ...
 
     @overload
     def decode(self, latents: torch.Tensor, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
                denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
-               generator: Optional[torch.Generator] = ..., mode: str = ...) -> torch.Tensor: ...
+               generator: Optional[torch.Generator] = ..., mode: str = ...,
+               gain: Optional[GainLike] = ...) -> torch.Tensor: ...
 
     @torch.inference_mode()
     def decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int] = None,
-               max_batch_size: Optional[int] = None, denoising_steps: int = 1, sigma_cond: float = 0.4,
+               max_batch_size: Optional[int] = None, denoising_steps: int = DEFAULT_DENOISING_STEPS,
+               sigma_cond: float = DEFAULT_SIGMA_COND,
                seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               mode: str = "autoregressive") -> Union[np.ndarray, torch.Tensor]:
+               mode: str = "autoregressive", gain: Optional[GainLike] = None) -> Union[np.ndarray, torch.Tensor]:
         """Decode latents to 44.1 kHz audio.
 
         ``mode="autoregressive"`` (default) is the paper's two-step autoregressive decoding
@@ -313,10 +349,14 @@ class EncoderDecoder:
             length: samples to return, an integer (<= chunks * 32768); default all of them.
             max_batch_size: sequences (channels x batch items) per model evaluation; in parallel
                 mode, windows (sequences x chunks) per evaluation.
-            denoising_steps: consistency steps per chunk (1 = the paper's).
-            sigma_cond: noise level for re-noising the previous chunk (paper: 0.4).
+            denoising_steps: consistency steps per chunk, 1..64 (the paper's: 1).
+            sigma_cond: noise level for re-noising the previous chunk, within the model's
+                [sigma_min, sigma_max] (the paper's: 0.4). docs/decoding.md measures both knobs.
             seed / generator: make the noise, and so the output, reproducible.
             mode: "autoregressive" or "parallel".
+            gain: what ``encode(..., return_gain=True)`` returned (a number, or one per batch
+                item): the audio is divided by it, back to the level of the original. Default:
+                the audio comes out at the model's ``input_peak_db`` level.
 
         Returns:
             (C * audio_channels, length) or (B, C * audio_channels, length) waveform; numpy for
@@ -334,6 +374,7 @@ class EncoderDecoder:
         if not 0 < length <= total:
             raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
         denoising_steps, sigma_cond, generator = self._sampler_options(denoising_steps, sigma_cond, seed, generator)
+        restore = None if gain is None else check_gain(gain, b, self.device)  # (B,)
 
         seq = z.reshape(b * c, cfg.latent_dim, chunks, cfg.summary_tokens).permute(0, 2, 3, 1)  # (S, T, K, d)
         seq = seq / cfg.latent_scale
@@ -345,6 +386,8 @@ class EncoderDecoder:
             wav = self._assemble(stream, b * c, chunks)
         # Reshape the contiguous buffer first, then crop: both are views, no copy of the audio.
         wav = self.model.geometry.crop(wav.reshape(b, c * cfg.audio_channels, -1), length)
+        if restore is not None:
+            wav = wav / restore[:, None, None]
         return self._give_back(wav, 3 if batch.ndim == 4 else 2, batch.kind, batch.device)
 
     def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int) -> torch.Tensor:

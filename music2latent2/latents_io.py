@@ -30,9 +30,11 @@ __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentM
            "load_latents"]
 
 LATENT_FORMAT = "music2latent2-latents"
-LATENT_FORMAT_VERSION = "2"
-# Version 2 added model_audio_channels; version-1 files are still read (see load_latents).
-READABLE_VERSIONS = ("1", "2")
+LATENT_FORMAT_VERSION = "3"
+# Version 2 added model_audio_channels, version 3 gain; older files are still read (see
+# load_latents): a file without a gain was encoded at the audio's own level, gain 1.
+READABLE_VERSIONS = ("1", "2", "3")
+_FLOAT_FIELDS = ("latent_scale", "gain")
 TENSOR_NAME = "latents"
 
 
@@ -58,6 +60,8 @@ class LatentMetadata:
         model_audio_channels: audio channels of the model that made the latents (1 mono: one
             latent sequence per audio channel; 2 stereo: one sequence for both), None if unknown.
             Decoding with a model of the other kind would give the wrong number of channels.
+        gain: what the audio was multiplied by before encoding (``encode(..., return_gain=True)``;
+            1.0 for files written before format version 3); decoding divides by it.
         extra: free-form string fields (e.g. ``source``, the input's relative path).
     """
 
@@ -72,6 +76,7 @@ class LatentMetadata:
     model_name: str = ""
     model_sha256: str = ""
     model_audio_channels: Optional[int] = None
+    gain: float = 1.0
     extra: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class LatentMetadata:
                 check_sample_rate(getattr(self, name), f"metadata {name}")
             except ValueError as err:
                 raise LatentFileError(str(err)) from None
+        if not (np.isfinite(float(self.gain)) and float(self.gain) > 0):
+            raise LatentFileError(f"metadata gain must be a finite positive number, got {self.gain!r}")
         if self.model_audio_channels not in (None, 1, 2):
             raise LatentFileError("metadata model_audio_channels must be 1, 2 or None, "
                                   f"got {self.model_audio_channels!r}")
@@ -103,7 +110,8 @@ class LatentMetadata:
             if f.name == "model_audio_channels" and self.model_audio_channels is None:
                 continue
             if f.name != "extra":
-                out[f.name] = repr(float(self.latent_scale)) if f.name == "latent_scale" else str(getattr(self, f.name))
+                value = getattr(self, f.name)
+                out[f.name] = repr(float(value)) if f.name in _FLOAT_FIELDS else str(value)
         out.update({"format": LATENT_FORMAT, "format_version": LATENT_FORMAT_VERSION})
         return out
 
@@ -125,7 +133,7 @@ class LatentMetadata:
                 raise LatentFileError(f"{where} metadata lacks {f.name!r}")
             raw = meta[f.name]
             try:
-                kwargs[f.name] = float(raw) if f.name == "latent_scale" else raw if f.type == "str" else int(raw)
+                kwargs[f.name] = float(raw) if f.name in _FLOAT_FIELDS else raw if f.type == "str" else int(raw)
             except ValueError as err:
                 raise LatentFileError(f"{where} metadata {f.name}={raw!r} is not a number") from err
         kwargs["extra"] = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}

@@ -177,6 +177,16 @@ class Music2Latent2(PretrainedModule):
                                             noise_embed_dim=c.noise_embed_dim, cond_dim=c.cond_dim,
                                             sigma_min=c.sigma_min, sigma_data=c.sigma_data)
 
+    @torch.no_grad()
+    def init_summary_tokens(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Re-draw the encoder's summary tokens and the decoder's summary positions as N(0, std^2).
+
+        They are the only thing that tells the K slots apart. At a small scale next to the audio
+        tokens the K slots start as near-copies (docs/recipe.md measures what that does).
+        """
+        for p in (self.encoder.summary_tokens, self.decoder.summary_pos):
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

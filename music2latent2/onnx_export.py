@@ -11,6 +11,11 @@ The graph takes ``audio`` windows (N, audio_channels, 34,304) float32, N dynamic
 ``(t + 1) * 32768 + 512``, zeros outside the signal (:meth:`ChunkGeometry.pad` then
 :meth:`ChunkGeometry.windows` cut them). Chunk t's latents are frames ``8t .. 8t+7`` of
 ``encode``'s output. Export needs the ``onnx`` extra (onnx and onnxscript; onnxruntime runs it).
+
+The graph is the network alone: it does not level-normalise. To get what ``encode`` gives, scale
+the audio first by the gain that brings its peak to ``config.input_peak_db`` dBFS
+(:func:`music2latent2.levels.normalization_gain`), as ``encode(normalize=True)`` does; to get
+``encode(normalize=False)``, feed it as it is.
 """
 
 from __future__ import annotations

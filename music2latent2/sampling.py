@@ -9,14 +9,55 @@ latents that arrive over time (``streaming.StreamingDecoder``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
+import numpy as np
 import torch
 
 from .edm import karras_sigmas
 from .model import Music2Latent2
 
-__all__ = ["AutoregressiveSampler", "iter_autoregressive", "iter_parallel", "noise", "map_batches"]
+__all__ = ["AutoregressiveSampler", "iter_autoregressive", "iter_parallel", "noise", "map_batches",
+           "DEFAULT_SIGMA_COND", "DEFAULT_DENOISING_STEPS", "PAPER_SIGMA_COND", "PAPER_DENOISING_STEPS",
+           "MAX_DENOISING_STEPS", "check_sigma_cond", "check_denoising_steps"]
+
+# The paper's decoding (IV-4, figure 3): one consistency step per chunk, context re-noised at 0.4.
+PAPER_SIGMA_COND = 0.4
+PAPER_DENOISING_STEPS = 1
+# The library's defaults, chosen from the measured table in docs/decoding.md.
+DEFAULT_SIGMA_COND = PAPER_SIGMA_COND
+DEFAULT_DENOISING_STEPS = PAPER_DENOISING_STEPS
+MAX_DENOISING_STEPS = 64
+
+
+def check_sigma_cond(sigma_cond: object, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None) -> float:
+    """``sigma_cond`` as a float, or a ValueError saying why it cannot work.
+
+    The context chunk is re-noised at sigma_cond and the network is evaluated there: it must be a
+    finite number within the model's noise range [sigma_min, sigma_max] (0 would take log(0) in
+    the noise embedding and give NaN audio; above sigma_max the network was never trained).
+    Without the bounds (before a model is loaded) only positivity and finiteness are checked.
+    """
+    ok = isinstance(sigma_cond, (int, float, np.number)) and not isinstance(sigma_cond, bool) \
+        and math.isfinite(float(sigma_cond)) and float(sigma_cond) > 0
+    low = sigma_min if sigma_min is not None else 0.0
+    high = sigma_max if sigma_max is not None else math.inf
+    if not ok or not low <= float(sigma_cond) <= high:  # type: ignore[arg-type]
+        where = f"between sigma_min={sigma_min:g} and sigma_max={sigma_max:g}" if sigma_min is not None \
+            and sigma_max is not None else "a finite number > 0"
+        raise ValueError(f"sigma_cond must be {where} (paper: {PAPER_SIGMA_COND}), got {sigma_cond!r}")
+    return float(sigma_cond)  # type: ignore[arg-type]
+
+
+def check_denoising_steps(steps: object) -> int:
+    """``steps`` as an int in 1..MAX_DENOISING_STEPS, else TypeError/ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"denoising_steps must be an integer, got {steps!r} ({type(steps).__name__})")
+    if not 1 <= int(steps) <= MAX_DENOISING_STEPS:
+        raise ValueError(f"denoising_steps must be in 1..{MAX_DENOISING_STEPS} (a consistency model gains nothing "
+                         f"from dozens of steps), got {steps}")
+    return int(steps)
 
 Out = TypeVar("Out", torch.Tensor, List[torch.Tensor])
 
@@ -123,8 +164,9 @@ class AutoregressiveSampler:
             ``torch.compile``); see :func:`map_batches`.
     """
 
-    def __init__(self, model: Music2Latent2, sequences: int, device: torch.device, sigma_cond: float = 0.4,
-                 denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+    def __init__(self, model: Music2Latent2, sequences: int, device: torch.device,
+                 sigma_cond: float = DEFAULT_SIGMA_COND, denoising_steps: int = DEFAULT_DENOISING_STEPS,
+                 generator: Optional[torch.Generator] = None,
                  max_batch_size: Optional[int] = None, pad: bool = False) -> None:
         cfg = model.config
         self.model, self.sigma_cond, self.generator = model, sigma_cond, generator
@@ -175,8 +217,8 @@ class AutoregressiveSampler:
         return refined, cur
 
 
-def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
-                        denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = DEFAULT_SIGMA_COND,
+                        denoising_steps: int = DEFAULT_DENOISING_STEPS, generator: Optional[torch.Generator] = None,
                         max_batch_size: Optional[int] = None, pad: bool = False,
                         ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Autoregressive decoding of a whole latent sequence (see :class:`AutoregressiveSampler`).
@@ -201,8 +243,8 @@ def iter_autoregressive(model: Music2Latent2, latents: torch.Tensor, sigma_cond:
     yield latents.shape[1] - 1, cur
 
 
-def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = 0.4,
-                  denoising_steps: int = 1, generator: Optional[torch.Generator] = None,
+def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float = DEFAULT_SIGMA_COND,
+                  denoising_steps: int = DEFAULT_DENOISING_STEPS, generator: Optional[torch.Generator] = None,
                   max_batch_size: Optional[int] = None, pad: bool = False,
                   ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Parallel two-pass decoding: a constant number of batched passes instead of one per chunk.

@@ -29,7 +29,8 @@ import torch
 
 from .audio import check_finite, to_float_array
 from .inference import EncoderDecoder
-from .sampling import AutoregressiveSampler
+from .levels import check_gain
+from .sampling import DEFAULT_DENOISING_STEPS, DEFAULT_SIGMA_COND, AutoregressiveSampler
 from .spectral import OverlapAddStream
 
 __all__ = ["StreamingEncoder", "StreamingDecoder"]
@@ -71,6 +72,11 @@ class StreamingEncoder:
             instead of latents.
         max_batch_size: chunks per encoder pass when one block completes several; default the
             codec's.
+        gain: every block is multiplied by this before encoding. Offline ``encode`` picks the gain
+            from the peak of the whole signal (``normalize=True``), which a stream cannot know in
+            advance, so a stream takes it as a setting, like an input trim: pass
+            ``encode(typical_audio, return_gain=True)[1]``, or ``10 ** (dB / 20)``. Give the same
+            gain to the :class:`StreamingDecoder` to get the original level back.
 
     Blocks are shaped (T,), (C, T) or (B, C, T) like ``encode``'s input, at the model's sample
     rate (44.1 kHz; resample a live stream before it reaches the encoder), float or integer
@@ -81,8 +87,9 @@ class StreamingEncoder:
     """
 
     def __init__(self, codec: EncoderDecoder, extract_features: bool = False,
-                 max_batch_size: Optional[int] = None) -> None:
+                 max_batch_size: Optional[int] = None, gain: float = 1.0) -> None:
         self.codec = codec
+        self.gain = float(check_gain(gain, 1, torch.device("cpu"))[0])
         self.extract_features = bool(extract_features)
         self.max_batch_size = codec._batch_size(max_batch_size)
         self.reset()
@@ -116,6 +123,8 @@ class StreamingEncoder:
             check_finite(wav, "audio block")
         self._layout = self._layout or layout
         wav = wav.reshape((1, 1, -1) if wav.ndim == 1 else (-1,) + tuple(wav.shape[-2:])).to(self.codec.device)
+        if self.gain != 1.0:
+            wav = wav * self.gain
         g = self.codec.model.geometry
         if self._buffer is None:
             self._buffer = wav.new_zeros(wav.shape[0], wav.shape[1], g.lead)
@@ -169,6 +178,8 @@ class StreamingDecoder:
         low_latency: emit each chunk as soon as it is decoded, without the refinement the next
             chunk's window would give it (see the module docstring for what this saves; the
             sampler runs the same, so only the emitted audio differs).
+        gain: the audio is divided by this: the :class:`StreamingEncoder`'s gain, or what
+            ``encode(..., return_gain=True)`` returned for the latents.
 
     ``push`` takes latents shaped (C, d_lat, L) or (B, C, d_lat, L) as ``encode`` returns them,
     L a multiple of K (zero is allowed), and returns the audio that became final, shaped as
@@ -176,10 +187,12 @@ class StreamingDecoder:
     ``chunks * 32768`` samples, exactly what ``decode`` gives without ``length``.
     """
 
-    def __init__(self, codec: EncoderDecoder, denoising_steps: int = 1, sigma_cond: float = 0.4,
+    def __init__(self, codec: EncoderDecoder, denoising_steps: int = DEFAULT_DENOISING_STEPS,
+                 sigma_cond: float = DEFAULT_SIGMA_COND,
                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 max_batch_size: Optional[int] = None, low_latency: bool = False) -> None:
+                 max_batch_size: Optional[int] = None, low_latency: bool = False, gain: float = 1.0) -> None:
         self.codec = codec
+        self.gain = float(check_gain(gain, 1, torch.device("cpu"))[0])
         self.denoising_steps, self.sigma_cond, _ = codec._sampler_options(denoising_steps, sigma_cond, None, None)
         self.seed, self.generator = seed, generator
         self.max_batch_size = codec._batch_size(max_batch_size)
@@ -270,5 +283,7 @@ class StreamingDecoder:
         s = self._sampler.shape[0]
         wav = torch.cat(pieces, dim=-1) if pieces else torch.zeros(s, self.codec.config.audio_channels, 0,
                                                                    device=self.codec.device)
+        if self.gain != 1.0:
+            wav = wav / self.gain
         b = self._layout.batch
         return self._layout.give_back(self.codec, wav.reshape(b, wav.shape[0] * wav.shape[1] // b, wav.shape[-1]))

@@ -19,7 +19,9 @@ of ``encode_latency`` samples (one chunk), ``decode_latency`` (``lead + (K - 1) 
 chunk unless exported with ``low_latency=True``) and, for ``forward`` (encode then decode, each
 chunk decoded as soon as it is encoded), ``forward_latency`` (``lead`` plus one chunk, plus one
 more unless low-latency). docs/streaming.md derives them. Past that delay the output equals the
-offline ``encode``/``decode`` of the same audio (the decoder's noise comes from the global RNG).
+offline ``encode``/``decode`` of the same audio (the decoder's noise comes from the global RNG)
+without level normalisation (``normalize=False``): a live stream has no peak to measure ahead, so
+the host sets the input gain, best near the model's ``input_peak_db`` (docs/levels.md).
 ``forward`` shares the encoder's buffer with ``encode`` and the decoder's state with ``decode``, so
 a host calls one method per loaded instance (nn~ loads the file once per object).
 
@@ -44,6 +46,7 @@ from torch import nn
 
 from .fileio import atomic_write
 from .model import Music2Latent2
+from .sampling import DEFAULT_SIGMA_COND, check_sigma_cond
 
 __all__ = ["NNTildeCodec", "ChunkEncoder", "export_torchscript", "FLOAT_ATTRIBUTE"]
 
@@ -92,7 +95,7 @@ class NNTildeCodec(nn.Module):
 
     prev_cross: List[torch.Tensor]
 
-    def __init__(self, model: Music2Latent2, low_latency: bool = False, sigma_cond: float = 0.4) -> None:
+    def __init__(self, model: Music2Latent2, low_latency: bool = False, sigma_cond: float = DEFAULT_SIGMA_COND) -> None:
         super().__init__()
         cfg, g = model.config, model.geometry
         model = copy.deepcopy(model).float().eval()  # traced in float32 eval mode; the caller's module is left alone
@@ -102,6 +105,7 @@ class NNTildeCodec(nn.Module):
         self.lead, self.overhang, self.span = g.lead, g.overhang, g.span(1)
         self.spec_shape = [cfg.spec_channels, cfg.freq_bins, cfg.chunk_frames]
         self.latent_scale, self.sigma_max, self.sigma_cond = cfg.latent_scale, cfg.sigma_max, float(sigma_cond)
+        self.sigma_min = cfg.sigma_min
         self.low_latency = bool(low_latency)
         self.sample_rate = cfg.sample_rate
         self.encode_latency = self.cs
@@ -165,7 +169,8 @@ class NNTildeCodec(nn.Module):
 
     @torch.jit.export
     def set_sigma_cond(self, value: float) -> int:
-        if value < 0.0:
+        # nn~ reports a non-zero return as a refused setting; 0 would give NaN audio (log 0).
+        if not (self.sigma_min <= value <= self.sigma_max):
             return -1
         self.sigma_cond = value
         return 0
@@ -278,7 +283,7 @@ class NNTildeCodec(nn.Module):
 
 
 def export_torchscript(model: Union[Music2Latent2, str, os.PathLike, None], path: Union[str, os.PathLike],
-                       low_latency: bool = False, sigma_cond: float = 0.4) -> Path:
+                       low_latency: bool = False, sigma_cond: float = DEFAULT_SIGMA_COND) -> Path:
     """Write a TorchScript file for nn~-style hosts (see the module docstring).
 
     Args:
@@ -291,10 +296,10 @@ def export_torchscript(model: Union[Music2Latent2, str, os.PathLike, None], path
     Returns:
         The path written.
     """
-    if not 0 <= sigma_cond < float("inf"):  # before the (possibly slow) load
-        raise ValueError(f"sigma_cond must be a finite number >= 0 (paper: 0.4), got {sigma_cond!r}")
+    check_sigma_cond(sigma_cond)  # before the (possibly slow) load
     if not isinstance(model, Music2Latent2):
         model = Music2Latent2.from_pretrained(model)
+    check_sigma_cond(sigma_cond, model.config.sigma_min, model.config.sigma_max)
     with warnings.catch_warnings():
         # Tracing warns about every Python-level shape check; each is fixed per window size by design.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

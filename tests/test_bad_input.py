@@ -200,7 +200,7 @@ def test_latent_files_record_the_model_channels(tmp_path: Path) -> None:
     z2, z1 = np.zeros((2, 64, 8), np.float32), np.zeros((1, 64, 8), np.float32)
     path = save_latents(tmp_path / "a.m2l", z2, _meta(model_audio_channels=1))
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["format_version"] == "2" and f.metadata()["model_audio_channels"] == "1"
+        assert f.metadata()["format_version"] == "3" and f.metadata()["model_audio_channels"] == "1"
     assert load_latents(path)[1].model_audio_channels == 1
     with pytest.raises(LatentFileError, match="a stereo model gives one latent sequence per signal"):
         save_latents(tmp_path / "b.m2l", z2, _meta(model_audio_channels=2))
@@ -215,6 +215,24 @@ def test_latent_files_record_the_model_channels(tmp_path: Path) -> None:
         old = tmp_path / "v1.m2l"
         save_file({"latents": torch.from_numpy(z)}, str(old), metadata=strings)
         assert load_latents(old)[1].model_audio_channels == expected
+
+
+def test_latent_files_keep_the_gain(tmp_path: Path) -> None:
+    z = np.zeros((2, 64, 8), np.float32)
+    path = save_latents(tmp_path / "a.m2l", z, _meta(gain=3.5))
+    assert load_latents(path)[1].gain == 3.5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(LatentFileError, match="gain must be a finite positive number"):
+            _meta(gain=bad)
+    # Version-2 files have no gain: they were encoded at the audio's own level.
+    strings = {k: v for k, v in _meta().to_strings().items() if k != "gain"}
+    old = tmp_path / "v2.m2l"
+    save_file({"latents": torch.from_numpy(z)}, str(old), metadata={**strings, "format_version": "2"})
+    assert load_latents(old)[1].gain == 1.0
+    strings["gain"] = "loud"
+    save_file({"latents": torch.from_numpy(z)}, str(old), metadata=strings)
+    with pytest.raises(LatentFileError, match="gain='loud' is not a number"):
+        load_latents(old)
 
 
 def test_latent_metadata_rates_and_length_are_bounded(tmp_path: Path) -> None:
@@ -348,11 +366,14 @@ def test_read_only_output_folder(tmp_path: Path) -> None:
     ("--workers", "-1", "argument --workers: must be >= 0, got -1"),
     ("--sr", "10", "argument --sr: rate=10 Hz is not a plausible audio sample rate"),
     ("--sr", "abc", "argument --sr: must be an integer number of Hz, got 'abc'"),
-    ("--denoising-steps", "0", "argument --denoising-steps: must be positive, got 0"),
+    ("--denoising-steps", "0", "argument --denoising-steps: denoising_steps must be in 1..64"),
+    ("--denoising-steps", "65", "argument --denoising-steps: denoising_steps must be in 1..64"),
+    ("--sigma-cond", "0", "argument --sigma-cond: sigma_cond must be a finite number > 0"),
+    ("--sigma-cond", "nan", "argument --sigma-cond: sigma_cond must be a finite number > 0"),
 ])
 def test_cli_option_errors_name_only_that_option(option: str, value: str, message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    command = "decode" if option in ("--sr", "--denoising-steps") else "encode"
+    command = "decode" if option in ("--sr", "--denoising-steps", "--sigma-cond") else "encode"
     with pytest.raises(SystemExit) as info:
         cli.main([command, str(tmp_path), "-o", str(tmp_path / "o"), option, value])
     assert info.value.code == 2

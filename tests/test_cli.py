@@ -96,7 +96,8 @@ def test_encode_decode_round_trip(encoded: Path, dataset: Path, model_dir: Path,
         assert (info.samplerate, info.frames, info.channels) == (sr, int(sr * sec), ch)
     # At 44.1 kHz no resampling happens: the file is the seeded decoder output, 16-bit quantised.
     z, meta = load_latents(encoded / "lat" / "sub/deeper/c.m2l")
-    direct = np.clip(encdec.decode(z, length=meta.length, seed=0), -1, 1)
+    assert meta.gain != 1.0  # encoded at the model's input level, restored on decoding
+    direct = np.clip(encdec.decode(z, length=meta.length, seed=0, gain=meta.gain), -1, 1)
     written, _ = sf.read(encoded / "dec" / "sub/deeper/c.wav", dtype="float32", always_2d=True)
     np.testing.assert_allclose(written.T, direct, atol=1.5 / 32768)
 

@@ -35,7 +35,7 @@ def _stream(push: Callable, flush: Callable, x, blocks: List[slice]):
 @pytest.mark.parametrize("shape, largest", [((100_000,), 40_000), ((2, 70_000), 9_000), ((2, 2, 65_536), 70_000)])
 def test_stream_encoder_equals_offline_encode(tiny_encdec: EncoderDecoder, shape, largest) -> None:
     wav = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.3
-    offline = tiny_encdec.encode(wav)
+    offline = tiny_encdec.encode(wav, normalize=False)  # a stream's gain is a setting (1 by default)
     enc = StreamingEncoder(tiny_encdec)
     streamed = _stream(enc.push, enc.flush, wav, _blocks(shape[-1], np.random.default_rng(0), largest))
     assert streamed.shape == offline.shape
@@ -49,7 +49,7 @@ def test_stream_encoder_features_stereo_and_numpy(stereo_encdec: EncoderDecoder)
     wav = (np.random.default_rng(2).standard_normal((2, 50_000)) * 0.3).astype(np.float32)
     enc = StreamingEncoder(stereo_encdec, extract_features=True, max_batch_size=1)
     streamed = _stream(enc.push, enc.flush, wav, _blocks(50_000, np.random.default_rng(3), 30_000))
-    offline = stereo_encdec.encode(wav, extract_features=True)
+    offline = stereo_encdec.encode(wav, extract_features=True, normalize=False)
     assert isinstance(streamed, np.ndarray) and streamed.shape == offline.shape == (1, 8 * 32, 2)
     np.testing.assert_allclose(streamed, offline, atol=1e-5, rtol=0)
 
@@ -113,14 +113,22 @@ def test_low_latency_emits_unrefined_chunks(tiny_model, tiny_encdec: EncoderDeco
 
 
 def test_encoder_to_decoder_pipeline(tiny_encdec: EncoderDecoder) -> None:
-    wav = torch.randn(1, 80_000, generator=torch.Generator().manual_seed(7)) * 0.3
-    enc, dec = StreamingEncoder(tiny_encdec), StreamingDecoder(tiny_encdec, seed=0)
+    wav = torch.randn(1, 80_000, generator=torch.Generator().manual_seed(7)) * 0.03
+    # With the gain offline encode picked from the whole signal, the stream gives the offline
+    # result, at the original level.
+    latents, gain = tiny_encdec.encode(wav, return_gain=True)
+    assert gain > 1  # quiet input is brought up to the model's level
+    enc, dec = StreamingEncoder(tiny_encdec, gain=gain), StreamingDecoder(tiny_encdec, seed=0, gain=gain)
     out = [dec.push(enc.push(wav[..., i:i + 4096])) for i in range(0, 80_000, 4096)]
     out += [dec.push(enc.flush()), dec.flush()]
     streamed = torch.cat(out, -1)
-    expected = tiny_encdec.decode(tiny_encdec.encode(wav), seed=0)
+    expected = tiny_encdec.decode(latents, seed=0, gain=gain)
     assert streamed.shape == expected.shape == (1, 3 * CS)
-    torch.testing.assert_close(streamed, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-4)
+    unrestored = tiny_encdec.decode(latents, seed=0)
+    torch.testing.assert_close(expected * gain, unrestored, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="gain must be finite and positive"):
+        StreamingDecoder(tiny_encdec, gain=0.0)
 
 
 def test_stream_misuse_is_refused_with_a_clear_error(tiny_encdec: EncoderDecoder) -> None:

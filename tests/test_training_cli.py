@@ -12,6 +12,7 @@ import soundfile as sf
 
 from music2latent2 import EncoderDecoder
 from music2latent2.checkpoint import read_metadata
+from music2latent2.latent_health import HEALTH_KEYS
 from music2latent2.training.__main__ import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,11 @@ def test_train_resume_export_evaluate(tmp_path, capsys):
     report = json.loads((tmp_path / "report" / "results.json").read_text())
     row = report["files"][0]
     assert row["seconds"] == pytest.approx(0.1, abs=1e-3)
-    assert np.isfinite(row["si_sdr"]) and row["logmel_distance"] > 0
+    assert np.isfinite(row["si_sdr"]) and row["logmel_distance"] > 0 and np.isfinite(row["level_db"])
+    assert set(report["latent_health"]) == set(HEALTH_KEYS)
+    assert report["latent_health"]["effective_rank"] > 0
+    assert report["decoding"]["normalize"] is True
+    assert "Latent health" in (tmp_path / "report" / "results.md").read_text()
     assert row["visqol"] is None and "disabled" in row["visqol_error"]
     assert row["encode_rtf"] > 0 and row["decode_rtf"] > 0
     assert "| **mean** |" in (tmp_path / "report" / "results.md").read_text()

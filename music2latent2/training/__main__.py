@@ -25,9 +25,16 @@ from ..inference import EncoderDecoder
 from ..model import Music2Latent2
 from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
 from .export import export_checkpoint, measure_latent_scale
+from .losses import LOSS_WEIGHTINGS
 from .snapshot import join_snapshot, write_snapshot
 from .state import STATE_NAME, load_state, read_state_configs, save_state
-from .trainer import TrainConfig, Trainer
+from .trainer import SIGMA_SAMPLERS, TrainConfig, Trainer
+
+_DEFAULTS = TrainConfig()  # the recipe flags default to the dataclass's values (docs/recipe.md)
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, preload: bool = True) -> tuple:
@@ -36,7 +43,8 @@ def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, 
     sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0,
                             threads=max(1, min(16, os.cpu_count() or 1)))
     print("data: " + describe_sources(sources), flush=True)
-    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step))
+    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step),
+                          gain_db=(cfg.gain_db[0], cfg.gain_db[1]))
     workers = cfg.num_workers if num_workers is None else num_workers
     return make_loader(dataset, cfg.batch_size, workers, pin_memory=trainer.device.type == "cuda"), crop
 
@@ -88,10 +96,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                           start_step=args.start_step, max_minutes=args.max_minutes,
                           calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
                           snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
-                          latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit)
+                          latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit,
+                          sigma_sampler=args.sigma_sampler, sigma_uniform_share=args.sigma_uniform_share,
+                          loss_weighting=args.loss_weighting, context_share=args.context_share,
+                          context_sigma=args.context_sigma, summary_init_std=args.summary_init_std,
+                          gain_db=list(args.gain_db))
         if init is not None:
             assert init.source is not None  # set by from_pretrained
             cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
+            if cfg.summary_init_std is not None:
+                print(f"note: the summary tokens and positions of {cfg.init_from} are re-drawn at std "
+                      f"{cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)", flush=True)
             trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0))
             trainer.init_weights_from(init)
             print(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}",
@@ -112,10 +127,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8)
         report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
         t.ema.requires_grad_(False)
-        mean = report["mean"]
-        print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}", flush=True)
+        mean, health = report["mean"], report["latent_health"]
+        print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}  "
+              f"level {mean['level_db']:+.1f} dB  latent rank {health['effective_rank']:.2f}  "
+              f"slot-cos {health['slot_cosine']:.2f}", flush=True)
         with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": t.step, **mean}) + "\n")
+            f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
         if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
             t.best_metric = mean["logmel_distance"]
             _export(t, loader, out / "best", fp16=False)
@@ -200,6 +217,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--latent-penalty", type=float, default=0.0,
                    help="weight of the penalty on encoder pre-tanh values beyond --pre-tanh-limit")
     t.add_argument("--pre-tanh-limit", type=float, default=2.0)
+    recipe = t.add_argument_group("recipe (docs/recipe.md)")
+    recipe.add_argument("--sigma-sampler", default=_DEFAULTS.sigma_sampler, choices=SIGMA_SAMPLERS,
+                        help="lognormal: log(sigma) ~ N(mean, std) as asked; legacy_density: the first leg's draw")
+    recipe.add_argument("--sigma-uniform-share", type=float, default=_DEFAULTS.sigma_uniform_share,
+                        help="share of noise indices drawn uniformly (trains the one-step decoder from sigma_max)")
+    recipe.add_argument("--loss-weighting", default=_DEFAULTS.loss_weighting, choices=LOSS_WEIGHTINGS,
+                        help="inverse_delta: 1/delta_sigma (v1); edm: the same times sqrt(sigma^2+sd^2)/sd")
+    recipe.add_argument("--context-share", type=float, default=_DEFAULTS.context_share,
+                        help="share of windows with a lightly noised context chunk before a noisy one")
+    recipe.add_argument("--context-sigma", type=float, default=_DEFAULTS.context_sigma,
+                        help="noise level of such a context chunk")
+    recipe.add_argument("--summary-init-std", type=_float_or_none, default=_DEFAULTS.summary_init_std,
+                        help="std of the summary tokens and their decoder positions at initialisation, "
+                             "re-drawn after --init-from too ('none': the modules' own small init, or the "
+                             "checkpoint's tokens)")
+    recipe.add_argument("--gain-db", type=float, nargs=2, default=_DEFAULTS.gain_db, metavar=("LOW", "HIGH"),
+                        help="peak level range of training crops, dBFS")
     t.set_defaults(func=cmd_train)
     j = sub.add_parser("join", help="join and verify a snapshot's pieces into one checkpoint")
     j.add_argument("snapshot", help="a snapshot folder, or OUT/snapshots (its LATEST one)")

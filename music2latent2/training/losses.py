@@ -14,10 +14,13 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..config import ModelConfig
-from ..edm import sigma_from_index
+from ..edm import index_from_sigma, sigma_from_index
 from ..model import Music2Latent2
 
-__all__ = ["consistency_step_delta", "NoiseIndexSampler", "pseudo_huber", "split_chunks", "consistency_loss"]
+__all__ = ["consistency_step_delta", "NoiseIndexSampler", "pseudo_huber", "split_chunks", "consistency_loss",
+           "LOSS_WEIGHTINGS", "loss_weight", "ContextPairs"]
+
+LOSS_WEIGHTINGS = ("inverse_delta", "edm")
 
 
 def consistency_step_delta(step: int, total_steps: int, start: float = 0.1, end: float = 1e-3,
@@ -40,17 +43,40 @@ def consistency_step_delta(step: int, total_steps: int, start: float = 0.1, end:
 class NoiseIndexSampler:
     """Draws continuous noise indices ``i`` in (0, 1] so that log(sigma(i)) ~ N(mean, std).
 
-    A fine grid of ``i`` is weighted by the normal density of ``log(sigma(i))`` (v1 practice),
-    a grid cell is drawn from those weights, then a uniform offset inside the cell makes ``i``
-    continuous.
+    A fine grid of ``i`` is weighted by the probability the normal distribution of log(sigma)
+    gives each cell (the mass between the log-sigmas of its edges), a cell is drawn from those
+    weights, then a uniform offset inside the cell makes ``i`` continuous. So log(sigma) follows
+    the normal truncated to [log sigma_min, log sigma_max], as documented.
+
+    Args:
+        config: the model config (sigma_min, sigma_max, rho).
+        mean / std: of log(sigma).
+        grid: cells of the index grid.
+        uniform_share: this share of the draws is uniform in the index instead (Karras-uniform:
+            23% of them above sigma 20), so the one-step decoder from sigma_max gets trained.
+        legacy_density: weight each cell by the normal *density* at its centre, as v1's code and
+            this project's first leg did. That forgets the d log(sigma)/di factor of the change of
+            variable, so log(sigma) comes out with mean about -0.56, not -1.1 (noise ~1.7x
+            higher than asked). Kept so that a run started that way resumes unchanged.
     """
 
-    def __init__(self, config: ModelConfig, mean: float = -1.1, std: float = 2.0, grid: int = 10000) -> None:
+    def __init__(self, config: ModelConfig, mean: float = -1.1, std: float = 2.0, grid: int = 10000,
+                 uniform_share: float = 0.0, legacy_density: bool = False) -> None:
+        if not std > 0 or not 0 <= uniform_share <= 1:
+            raise ValueError(f"need std > 0 and 0 <= uniform_share <= 1, got {std} and {uniform_share}")
         edges = torch.linspace(0.0, 1.0, grid + 1, dtype=torch.float64)
-        centres = (edges[:-1] + edges[1:]) / 2
-        log_sigma = torch.log(sigma_from_index(centres, config.sigma_min, config.sigma_max, config.rho).double())
-        weights = torch.exp(-0.5 * ((log_sigma - mean) / std) ** 2)
-        self.probs = (weights / weights.sum()).float()
+        if legacy_density:
+            centres = (edges[:-1] + edges[1:]) / 2
+            log_sigma = torch.log(sigma_from_index(centres, config.sigma_min, config.sigma_max, config.rho).double())
+            weights = torch.exp(-0.5 * ((log_sigma - mean) / std) ** 2)
+        else:
+            log_edges = torch.log(sigma_from_index(edges, config.sigma_min, config.sigma_max, config.rho).double())
+            cdf = torch.special.ndtr((log_edges - mean) / std)
+            weights = cdf[1:] - cdf[:-1]
+        if not float(weights.sum()) > 0:
+            raise ValueError(f"log-sigma N({mean}, {std}) puts no mass between sigma_min and sigma_max")
+        probs = (1 - uniform_share) * weights / weights.sum() + uniform_share / grid
+        self.probs = probs.float()
         self.cell = 1.0 / grid
 
     def sample(self, shape: Tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -62,6 +88,66 @@ class NoiseIndexSampler:
         cells = torch.multinomial(self.probs, n, replacement=True, generator=generator)
         offset = torch.rand(n, generator=generator, device=device)
         return ((cells.float() + offset) * self.cell).clamp(1e-6, 1.0).reshape(shape)
+
+
+class ContextPairs:
+    """Makes some training windows look like inference: a lightly noised context chunk before
+    the chunk being decoded.
+
+    At inference the first chunk of every window is the previous output re-noised at sigma_cond
+    (0.4) and the second starts from sigma_max. Independent draws make that pair rare, so the
+    network can ignore the context and still score well. For a share of the windows this sets the
+    first chunk's log-sigma to N(log(sigma), log_std) and the second chunk's index uniform in
+    [min_index, 1], the upper part of the noise range, where the context is the most useful.
+
+    Args:
+        share: probability that a window gets a context pair.
+        sigma: centre of the context chunk's noise level.
+        log_std: spread of the context chunk's log-sigma.
+        min_index: lowest noise index of the second chunk (0.5 is sigma 1.9 with the paper's
+            constants).
+    """
+
+    def __init__(self, config: ModelConfig, share: float, sigma: float = 0.4, log_std: float = 0.5,
+                 min_index: float = 0.5) -> None:
+        if not 0 <= share <= 1 or not config.sigma_min < sigma < config.sigma_max or log_std < 0 \
+                or not 0 <= min_index < 1:
+            raise ValueError(f"context pairs need 0 <= share <= 1, sigma in (sigma_min, sigma_max), log_std >= 0 "
+                             f"and 0 <= min_index < 1; got {share}, {sigma}, {log_std}, {min_index}")
+        self.config, self.share, self.sigma, self.log_std, self.min_index = config, share, sigma, log_std, min_index
+
+    def apply(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 2) indices -> the same with some windows replaced by context pairs."""
+        if self.share <= 0:
+            return index
+        cfg = self.config
+        b = index.shape[0]
+        device = index.device
+        chosen = torch.rand(b, generator=generator, device=device) < self.share
+        log_sigma = math.log(self.sigma) + self.log_std * torch.randn(b, generator=generator, device=device)
+        sigma = log_sigma.exp().clamp(cfg.sigma_min * 1.001, cfg.sigma_max)
+        left = index_from_sigma(sigma, cfg.sigma_min, cfg.sigma_max, cfg.rho).clamp(1e-6, 1.0)
+        right = self.min_index + (1 - self.min_index) * torch.rand(b, generator=generator, device=device)
+        pair = torch.stack([left, right], dim=1).to(index.dtype)
+        return torch.where(chosen[:, None], pair, index)
+
+
+def loss_weight(weighting: str, sig_hi: torch.Tensor, sig_lo: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """Per-chunk weight of the consistency distance.
+
+    ``"inverse_delta"`` (v1): 1 / (sigma_hi - sigma_lo). Above sigma ~5 the gap between
+    neighbouring Karras levels grows so fast that these chunks get almost no gradient.
+    ``"edm"``: the same times sqrt(sigma_hi^2 + sigma_data^2) / sigma_data, i.e. v1's weight at
+    low noise and, while the teacher sits at sigma_min (the denoising start of the ECT schedule),
+    exactly 1 / c_out: the distance measured in units of the network's own output, EDM's
+    weighting, under which every noise level asks the network for the same effort.
+    """
+    inverse = 1.0 / (sig_hi - sig_lo).clamp_min(1e-8)
+    if weighting == "inverse_delta":
+        return inverse
+    if weighting == "edm":
+        return inverse * (sig_hi.pow(2) + sigma_data ** 2).sqrt() / sigma_data
+    raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -80,7 +166,8 @@ def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
 
 def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
                      generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-                     latent_penalty: float = 0.0, pre_tanh_limit: float = 2.0,
+                     latent_penalty: float = 0.0, pre_tanh_limit: float = 2.0, weighting: str = "inverse_delta",
+                     context: ContextPairs | None = None, keep_latents: bool = False,
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One consistency-training loss evaluation.
 
@@ -96,11 +183,16 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
             pre-tanh values: zero while they stay in range, a pull back once the tanh would
             saturate (a saturated tanh passes no gradient and wastes the latent range).
         pre_tanh_limit: where the penalty starts (tanh(2) = 0.96).
+        weighting: :func:`loss_weight`'s scheme.
+        context: :class:`ContextPairs` to mix in, or None.
+        keep_latents: also return the batch's latents, detached, as ``stats["latents"]``
+            (B, 2, K, d_lat), for the latent-health numbers of a log line.
 
     Returns:
         (scalar loss with grad, 0-d tensor stats: ``sigma_mean``, ``delta_sigma_mean``,
-        ``saturated`` (fraction of latents with |tanh| > 0.99), ``pre_tanh_std`` and
-        ``latent_penalty`` (the unweighted penalty)).
+        ``saturated`` (fraction of latents with |tanh| > 0.99), ``pre_tanh_std``,
+        ``latent_penalty`` (the unweighted penalty) and ``high_sigma_share`` (share of the
+        weighted loss from chunks above sigma 5, where one-step decoding starts)).
     """
     cfg = model.config
     device = wav.device
@@ -110,6 +202,8 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     b, w = x.shape[:2]
 
     i_hi = sampler.sample((b, w), generator)
+    if context is not None and w == 2:
+        i_hi = context.apply(i_hi, generator)
     i_lo = (i_hi - delta).clamp_min(0.0)
     sig_hi = sigma_from_index(i_hi, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
     sig_lo = sigma_from_index(i_lo, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
@@ -130,8 +224,8 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
 
     d = x[0, 0].numel()  # elements per chunk
     dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
-    weight = 1.0 / (sig_hi - sig_lo).clamp_min(1e-8)
-    loss = (dist * weight).mean()
+    weighted = dist * loss_weight(weighting, sig_hi, sig_lo, cfg.sigma_data)  # (B, 2)
+    loss = weighted.mean()
     penalty = torch.relu(pre.abs() - pre_tanh_limit).pow(2).mean()
     if latent_penalty > 0:
         loss = loss + latent_penalty * penalty
@@ -139,5 +233,8 @@ def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, samp
     # Tensors, not floats: the trainer reads all its numbers in one host sync per step.
     stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean(),
              "saturated": (latents.detach().abs() > 0.99).float().mean(), "pre_tanh_std": pre.std(),
-             "latent_penalty": penalty.detach()}
+             "latent_penalty": penalty.detach(),
+             "high_sigma_share": (weighted.detach() * (sig_hi > 5)).sum() / weighted.detach().sum().clamp_min(1e-30)}
+    if keep_latents:
+        stats["latents"] = latents.detach().view(b, w, *latents.shape[1:])
     return loss, stats

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
 from ..fileio import atomic_write
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, noise_seed
 
 __all__ = ["STATE_NAME", "STATE_FORMAT", "save_state", "load_state", "read_state_configs"]
 
@@ -106,7 +106,9 @@ def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
     else:
         # A CUDA generator's state cannot be loaded into a CPU one (or back): e.g. exporting a
         # GPU run on a CPU machine. Noise continues from a fresh seed fixed by (seed, step).
-        trainer.generator.manual_seed(trainer.config.seed + 1 + trainer.step)
+        cfg = trainer.config
+        trainer.generator.manual_seed(noise_seed(cfg.seed, trainer.step) if cfg.noise_seed_v2
+                                      else cfg.seed + 1 + trainer.step)
         print(f"note: {p} holds a {info.get('rng_device')} noise generator; training noise on "
               f"{trainer.generator.device.type} is reseeded from (seed, step)", flush=True)
     trainer.skipped = int(info["skipped"])

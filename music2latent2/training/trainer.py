@@ -12,13 +12,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Tuple, cast
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..latent_health import HEALTH_KEYS, latent_health
 from ..model import Music2Latent2
-from .losses import NoiseIndexSampler, consistency_loss, consistency_step_delta
+from .losses import LOSS_WEIGHTINGS, ContextPairs, NoiseIndexSampler, consistency_loss, consistency_step_delta
 
-__all__ = ["TrainConfig", "Trainer"]
+__all__ = ["TrainConfig", "Trainer", "noise_seed", "LEGACY_TRAIN_FIELDS"]
+
+# Values a training state written before a field existed was trained with: such a state resumes
+# with these, not with today's defaults (docs/recipe.md says what changed and why).
+LEGACY_TRAIN_FIELDS: Dict[str, Any] = {
+    "sigma_sampler": "legacy_density",
+    "sigma_uniform_share": 0.0,
+    "loss_weighting": "inverse_delta",
+    "context_share": 0.0,
+    "context_sigma": 0.4,
+    "summary_init_std": None,
+    "gain_db": [-12.0, 0.0],
+    "noise_seed_v2": False,
+}
+SIGMA_SAMPLERS = ("lognormal", "legacy_density")
+
+
+def noise_seed(seed: int, start_step: int) -> int:
+    """Seed of the training-noise generator: a relay leg that starts at another step draws a
+    fresh noise stream instead of replaying the first leg's."""
+    return int(np.random.SeedSequence([seed, start_step, 1]).generate_state(1)[0])
 
 
 @dataclass
@@ -70,6 +92,15 @@ class TrainConfig:
     snapshot_piece_mib: float = 15.0
     latent_penalty: float = 0.0
     pre_tanh_limit: float = 2.0
+    # The recipe of docs/recipe.md (each measured there against the first leg's).
+    sigma_sampler: str = "lognormal"  # "legacy_density": the first leg's sampler (see NoiseIndexSampler)
+    sigma_uniform_share: float = 0.0
+    loss_weighting: str = "inverse_delta"
+    context_share: float = 0.0
+    context_sigma: float = 0.4
+    summary_init_std: float | None = 0.5  # (re-)draw the summary tokens at this std; None: keep (docs/recipe.md)
+    gain_db: List[float] = field(default_factory=lambda: [-30.0, 0.0])  # crop peak level range, dBFS (docs/levels.md)
+    noise_seed_v2: bool = True  # noise seeded from (seed, start_step); False: seed + 1 (first leg)
 
     def validate(self) -> None:
         for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every", "calibrate_steps"):
@@ -91,6 +122,22 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= lr, got {self.min_lr} and {self.lr}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.sigma_sampler not in SIGMA_SAMPLERS:
+            raise ValueError(f"sigma_sampler must be one of {SIGMA_SAMPLERS}, got {self.sigma_sampler!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        for name in ("sigma_uniform_share", "context_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.sigma_log_mean) and math.isfinite(self.sigma_log_std) and self.sigma_log_std > 0):
+            raise ValueError(f"need a finite sigma_log_mean and sigma_log_std > 0, got {self.sigma_log_mean} and "
+                             f"{self.sigma_log_std}")
+        if self.summary_init_std is not None and not (math.isfinite(self.summary_init_std)
+                                                      and self.summary_init_std > 0):
+            raise ValueError(f"summary_init_std must be a positive number, got {self.summary_init_std}")
+        if (len(self.gain_db) != 2 or not all(math.isfinite(g) for g in self.gain_db)
+                or not -80 <= self.gain_db[0] <= self.gain_db[1] <= 0):
+            raise ValueError(f"gain_db must be [low, high] dBFS with -80 <= low <= high <= 0, got {self.gain_db}")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_preset(self.preset, **self.model_overrides)
@@ -105,6 +152,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        for name, value in LEGACY_TRAIN_FIELDS.items():  # a state from before the field existed
+            data.setdefault(name, copy.deepcopy(value))
         return cls(**data)
 
 
@@ -124,12 +173,19 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(config.seed)  # weight init is part of the run's identity
         self.model = Music2Latent2(model_config or config.model_config()).to(self.device).train()
+        if config.summary_init_std is not None:
+            self.model.init_summary_tokens(config.summary_init_std)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         betas = cast(Tuple[float, float], tuple(config.betas))  # TrainConfig.betas is (beta1, beta2)
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=betas)
         # Noise is drawn on the training device: no host-side randn and copy per step.
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
-        self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std)
+        seed = noise_seed(config.seed, config.start_step) if config.noise_seed_v2 else config.seed + 1
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std,
+                                         uniform_share=config.sigma_uniform_share,
+                                         legacy_density=config.sigma_sampler == "legacy_density")
+        self.context = ContextPairs(self.model.config, config.context_share, config.context_sigma) \
+            if config.context_share > 0 else None
         self.step = config.start_step
         self.skipped = 0
         self.samples_seen = 0
@@ -152,12 +208,18 @@ class Trainer:
 
     def init_weights_from(self, model: Music2Latent2) -> None:
         """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
-        stays fresh, which is why a relay leg warms its learning rate up again."""
+        stays fresh, which is why a relay leg warms its learning rate up again. With
+        ``config.summary_init_std`` set, the loaded summary tokens and positions are re-drawn."""
         if model.config.replace(latent_scale=1.0).to_dict() != self.model.config.replace(latent_scale=1.0).to_dict():
             raise ValueError("the checkpoint's model config differs from the run's")
         state = model.state_dict()
         self.model.load_state_dict(state, strict=True)
-        self.ema.load_state_dict(state, strict=True)
+        if self.config.summary_init_std is not None:
+            # Re-drawn on purpose: a checkpoint whose K slots collapsed into copies of one vector
+            # gets distinct slots again, keeping everything else it learned (docs/recipe.md).
+            self.model.init_summary_tokens(self.config.summary_init_std,
+                                           torch.Generator().manual_seed(self.config.seed))
+        self.ema.load_state_dict(self.model.state_dict(), strict=True)
 
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
@@ -188,11 +250,13 @@ class Trainer:
             eb.copy_(b)
 
     # ----------------------------------------------------------------- one step
-    def train_step(self, wav: torch.Tensor) -> Dict[str, float]:
+    def train_step(self, wav: torch.Tensor, health: bool = False) -> Dict[str, float]:
         """One optimiser step on a batch ``(B, audio_channels, 67072)``.
 
         A step whose loss or gradients are not finite is skipped (no update, no EMA update) and
         counted in ``self.skipped``; the step counter still advances so schedules stay aligned.
+        ``health=True`` adds the latent-health numbers of the batch (:func:`latent_health`, each
+        two-chunk crop a clip): an extra copy of the latents to the host, so only on log steps.
         """
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -201,7 +265,10 @@ class Trainer:
         wav = wav.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = consistency_loss(self.model, wav, delta, self.sampler, self.generator, self.autocast_dtype,
-                                       self.config.latent_penalty, self.config.pre_tanh_limit)
+                                       self.config.latent_penalty, self.config.pre_tanh_limit,
+                                       weighting=self.config.loss_weighting, context=self.context,
+                                       keep_latents=health)
+        latents = stats.pop("latents", None)
         # backward() is harmless on a non-finite loss (the step is skipped and its grads dropped);
         # running it unconditionally leaves one host sync per step: the read-back below.
         loss.backward()
@@ -224,6 +291,8 @@ class Trainer:
             self.update_ema()
         self.samples_seen += wav.shape[0]
         out.update(lr=lr, delta=delta, skipped=float(not ok))
+        if latents is not None:
+            out.update(latent_health(list(latents.double().cpu().numpy())))
         return out
 
     # ----------------------------------------------------------------- loop
@@ -271,11 +340,12 @@ class Trainer:
                 elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
                     self._calibrate(c.calibrate_steps / (now - calib_t), now - t_begin)
                     calib_t = None
-            stats = self.train_step(wav)
+            logs_next = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.total_steps
+            stats = self.train_step(wav, health=logs_next)
             self.recent_batches.append(wav.detach().cpu())
             if stats["skipped"] == 0:
                 window.append(stats["loss"])
-                for key in ("saturated", "pre_tanh_std"):
+                for key in ("saturated", "pre_tanh_std", "high_sigma_share"):
                     sums[key] = sums.get(key, 0.0) + stats[key]
             if self.step % c.log_every == 0 or self.step == c.total_steps:
                 rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
@@ -284,12 +354,17 @@ class Trainer:
                 line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {stats['lr']:.2e}  "
                         f"delta {stats['delta']:.4f}  sat {means.get('saturated', float('nan')):.4f}  "
                         f"pre-tanh std {means.get('pre_tanh_std', float('nan')):.3f}  "
+                        f"high-sigma {means.get('high_sigma_share', float('nan')):.3f}  "
+                        f"rank {stats.get('effective_rank', float('nan')):.2f}  "
+                        f"slot-cos {stats.get('slot_cosine', float('nan')):.2f}  "
                         f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {self.skipped}")
                 print(line, flush=True)
                 if log_file is not None:
+                    health = {k: stats[k] for k in HEALTH_KEYS if k in stats}
                     record = {"step": self.step, "loss": loss, "lr": stats["lr"], "delta": stats["delta"],
                               "steps_per_s": rate, "audio_hours": self.audio_hours_seen(crop),
-                              "skipped": self.skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means}
+                              "skipped": self.skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means,
+                              **health}
                     with open(log_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 window, sums, t0, s0 = [], {}, time.perf_counter(), self.step
