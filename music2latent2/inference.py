@@ -240,9 +240,13 @@ class EncoderDecoder:
         """
         batch = self._prepare_audio(audio, sr)
         b = batch.wav.shape[0]
-        gain = normalization_gain(batch.wav, self.config.input_peak_db) if normalize else \
-            torch.ones(b, device=batch.wav.device)
-        seqs = self._sequences(batch.wav * gain[:, None, None])  # (S, ac, T)
+        wav = batch.wav
+        if normalize and self.config.input_peak_db is not None:
+            gain = normalization_gain(wav, self.config.input_peak_db)  # (B,)
+            wav = wav * gain[:, None, None]
+        else:  # no copy of the audio when nothing is scaled
+            gain = torch.ones(b, device=wav.device)
+        seqs = self._sequences(wav)  # (S, ac, T)
         latents, features = self._encode_sequences(seqs, self._batch_size(max_batch_size))
         out = features if extract_features else latents
         out = out.reshape(b, -1, *out.shape[1:])  # (B, C, ., .)

@@ -55,8 +55,8 @@ def check_denoising_steps(steps: object) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"denoising_steps must be an integer, got {steps!r} ({type(steps).__name__})")
     if not 1 <= int(steps) <= MAX_DENOISING_STEPS:
-        raise ValueError(f"denoising_steps must be in 1..{MAX_DENOISING_STEPS} (a consistency model gains nothing "
-                         f"from dozens of steps), got {steps}")
+        raise ValueError(f"denoising_steps must be in 1..{MAX_DENOISING_STEPS} (the paper decodes with "
+                         f"{PAPER_DENOISING_STEPS}), got {steps}")
     return int(steps)
 
 Out = TypeVar("Out", torch.Tensor, List[torch.Tensor])

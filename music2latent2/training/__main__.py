@@ -128,9 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
         t.ema.requires_grad_(False)
         mean, health = report["mean"], report["latent_health"]
+        rank, slot_cos = (float("nan") if health[k] is None else health[k] for k in ("effective_rank", "slot_cosine"))
         print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}  "
-              f"level {mean['level_db']:+.1f} dB  latent rank {health['effective_rank']:.2f}  "
-              f"slot-cos {health['slot_cosine']:.2f}", flush=True)
+              f"level {mean['level_db']:+.1f} dB  latent rank {rank:.2f}  slot-cos {slot_cos:.2f}", flush=True)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
         if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe.add_argument("--sigma-sampler", default=_DEFAULTS.sigma_sampler, choices=SIGMA_SAMPLERS,
                         help="lognormal: log(sigma) ~ N(mean, std) as asked; legacy_density: the first leg's draw")
     recipe.add_argument("--sigma-uniform-share", type=float, default=_DEFAULTS.sigma_uniform_share,
-                        help="share of noise indices drawn uniformly (trains the one-step decoder from sigma_max)")
+                        help="share of noise indices drawn uniformly in the index (more high-sigma draws; no gain "
+                             "measured in docs/recipe.md)")
     recipe.add_argument("--loss-weighting", default=_DEFAULTS.loss_weighting, choices=LOSS_WEIGHTINGS,
                         help="inverse_delta: 1/delta_sigma (v1); edm: the same times sqrt(sigma^2+sd^2)/sd")
     recipe.add_argument("--context-share", type=float, default=_DEFAULTS.context_share,
