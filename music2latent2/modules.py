@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "group_count", "ResBlock", "Downsample", "Upsample", "FreqGain", "SigmaFreqGain",
-    "SelfAttention", "TransformerBlock", "NoiseEmbedding", "chunked_causal_mask",
+    "group_count", "GroupNorm", "UPSAMPLE_MODES", "ResBlock", "Downsample", "Upsample", "FreqGain", "SigmaFreqGain",
+    "set_upsample_mode", "SelfAttention", "TransformerBlock", "NoiseEmbedding", "chunked_causal_mask",
 ]
 
 
@@ -25,6 +25,23 @@ def group_count(channels: int, max_groups: int) -> int:
         if channels % g == 0:
             return g
     return 1
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose output keeps the input's dtype.
+
+    Autocast runs group_norm in float32 and returns float32, which silently turns the whole conv
+    residual stream (the bulk of the network's memory traffic) into float32 under bf16 training.
+    Statistics are still computed in float32; only the normalised output is cast back, so a
+    float32 input gives exactly ``nn.GroupNorm``'s result and the parameter names are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or x.dtype == torch.float64:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -40,9 +57,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 32, cond_dim: int = 0) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(in_channels, norm_groups), in_channels)
+        self.norm1 = GroupNorm(group_count(in_channels, norm_groups), in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(group_count(out_channels, norm_groups), out_channels)
+        self.norm2 = GroupNorm(group_count(out_channels, norm_groups), out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         assert self.conv2.bias is not None  # Conv2d's default bias=True
@@ -87,16 +104,107 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour upsampling by (freq_factor, time_factor) followed by a 3x3 conv."""
+UPSAMPLE_MODES = ("pixel_shuffle", "transposed", "interpolate")
 
-    def __init__(self, in_channels: int, out_channels: int, freq_factor: int, time_factor: int) -> None:
+
+def _phase_taps(factor: int) -> torch.Tensor:
+    """(factor, 3, 3) 0/1 map ``[phase, low-res tap, high-res tap]`` of nearest upsampling + 3-tap conv.
+
+    Output row ``o = factor * y + phase`` of a 3-tap conv on the upsampled grid reads upsampled
+    rows ``o - 1, o, o + 1``, i.e. low-resolution rows ``y + (phase + d) // factor`` for
+    ``d in (-1, 0, 1)``: always within ``y - 1 .. y + 1``, so a 3-tap kernel on the coarse grid
+    holds every phase's taps.
+    """
+    taps = torch.zeros(factor, 3, 3)
+    for phase in range(factor):
+        for d in (-1, 0, 1):
+            taps[phase, (phase + d) // factor + 1, d + 1] = 1.0
+    return taps
+
+
+def _transposed_taps(factor: int) -> torch.Tensor:
+    """(factor + 2, 3) 0/1 map ``[transposed-conv tap k, high-res tap]`` for the same function.
+
+    A transposed conv with stride ``factor`` and padding 1 sends input row ``y`` to output row
+    ``o = factor * y + k - 1``; that output reads ``y`` through every tap ``d`` with
+    ``(o + d) // factor == y``, i.e. ``0 <= k - 1 + d < factor``. At factor 1 this is the
+    3-tap kernel reversed, as a transposed conv correlates with the flipped kernel.
+    """
+    taps = torch.zeros(factor + 2, 3)
+    for k in range(factor + 2):
+        for d in (-1, 0, 1):
+            if 0 <= k - 1 + d < factor:
+                taps[k, d + 1] = 1.0
+    return taps
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling by (freq_factor, time_factor) followed by a 3x3 conv.
+
+    The stored parameters are those of that 3x3 conv (``conv``), whatever the mode. Three exact
+    ways to compute the same function (equal up to float summation order):
+
+    - ``"interpolate"``: as written, the reference. It materialises the upsampled input (and its
+      gradient in training), ``f * t`` times larger than the input.
+    - ``"pixel_shuffle"``: one 3x3 conv on the coarse grid with ``f * t`` output phases, then a
+      pixel shuffle; the upsampled input never exists. Same FLOPs as the reference.
+    - ``"transposed"``: one transposed conv with stride (f, t) and kernel (f + 2, t + 2) (3 on
+      an axis with factor 1), which skips the taps that are structurally zero: 2.25x fewer
+      FLOPs at factor (2, 2), 2x at (4, 1).
+
+    The effective kernel is derived from ``conv`` on every call (a few thousand multiply-adds),
+    so checkpoints, training and the optimiser see the one 3x3 weight.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, freq_factor: int, time_factor: int,
+                 mode: str = "pixel_shuffle") -> None:
         super().__init__()
         self.factors = (freq_factor, time_factor)
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        _check_upsample_mode(mode)
+        self.mode = mode
+        self.register_buffer("phase_f", _phase_taps(freq_factor), persistent=False)
+        self.register_buffer("phase_t", _phase_taps(time_factor), persistent=False)
+        self.register_buffer("taps_f", _transposed_taps(freq_factor), persistent=False)
+        self.register_buffer("taps_t", _transposed_taps(time_factor), persistent=False)
+
+    phase_f: torch.Tensor
+    phase_t: torch.Tensor
+    taps_f: torch.Tensor
+    taps_t: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.factors, mode="nearest"))
+        """x (B, C_in, f, t) -> (B, C_out, f * freq_factor, t * time_factor)."""
+        ff, tf = self.factors
+        weight, bias = self.conv.weight, self.conv.bias
+        assert bias is not None  # Conv2d's default bias=True
+        if self.mode == "interpolate":
+            return self.conv(F.interpolate(x, scale_factor=self.factors, mode="nearest"))
+        c_out, c_in = weight.shape[:2]
+        if self.mode == "pixel_shuffle":
+            # [phase_f a, phase_t b, out o, in i, low-res taps K L] from the high-res taps d e.
+            w = torch.einsum("aKd,bLe,oide->oabiKL", self.phase_f.to(weight.dtype), self.phase_t.to(weight.dtype),
+                             weight).reshape(c_out * ff * tf, c_in, 3, 3)
+            y = F.conv2d(x, w, bias.repeat_interleave(ff * tf), padding=1)  # (B, C_out*f*t, H, W)
+            b, _, h, w_ = y.shape
+            y = y.view(b, c_out, ff, tf, h, w_).permute(0, 1, 4, 2, 5, 3)  # (B, C_out, H, f, W, t)
+            return y.reshape(b, c_out, h * ff, w_ * tf)
+        # Transposed conv weights are (in, out, kH, kW) and flipped relative to a conv's.
+        w = torch.einsum("Kd,Le,oide->ioKL", self.taps_f.to(weight.dtype), self.taps_t.to(weight.dtype), weight)
+        return F.conv_transpose2d(x, w, bias, stride=self.factors, padding=1)
+
+
+def _check_upsample_mode(mode: str) -> None:
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+
+
+def set_upsample_mode(module: nn.Module, mode: str) -> None:
+    """Set how every :class:`Upsample` inside ``module`` computes (see its docstring)."""
+    _check_upsample_mode(mode)
+    for m in module.modules():
+        if isinstance(m, Upsample):
+            m.mode = mode
 
 
 class FreqGain(nn.Module):
@@ -107,7 +215,7 @@ class FreqGain(nn.Module):
         self.gain = nn.Parameter(torch.ones(1, 1, freq_bins, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gain
+        return x * self.gain.to(x.dtype)  # a float32 gain would promote a bf16 stream to float32
 
 
 class SigmaFreqGain(nn.Module):

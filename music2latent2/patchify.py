@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import Downsample, FreqGain, ResBlock, SigmaFreqGain, Upsample, group_count
+from .modules import Downsample, FreqGain, GroupNorm, ResBlock, SigmaFreqGain, Upsample, group_count
 
 __all__ = ["Patchifier", "DePatchifier"]
 
@@ -96,7 +96,7 @@ class DePatchifier(nn.Module):
         self.out_channels = out_channels
         if out_channels:
             self.gain = SigmaFreqGain(cond_dim, freq_bins) if cond_dim else FreqGain(freq_bins)
-            self.out_norm = nn.GroupNorm(group_count(channels[0], norm_groups), channels[0])
+            self.out_norm = GroupNorm(group_count(channels[0], norm_groups), channels[0])
             self.out_conv = nn.Conv2d(channels[0], out_channels, 3, padding=1)
         self.conditioned = cond_dim > 0
 

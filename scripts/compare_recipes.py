@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 # Every candidate names every recipe flag, so the table does not move when the defaults do.
 LEG1 = ["--sigma-sampler", "legacy_density", "--sigma-uniform-share", "0", "--loss-weighting", "inverse_delta",
-        "--context-share", "0", "--summary-init-std", "none", "--gain-db", "-12", "0"]
+        "--context-share", "0", "--summary-init-std", "none", "--gain-db", "-12", "0", "--optimizer", "radam"]
 FIXED = LEG1 + ["--sigma-sampler", "lognormal"]  # argparse keeps the last value of a repeated flag
 # EDM weighting is left out of the combination: on its own it undid what the network learned at
 # low noise (docs/recipe.md), so a combination with it measures nothing new.
@@ -54,6 +54,11 @@ CANDIDATES: Dict[str, Tuple[List[str], Dict[str, Any]]] = {
     "+ summary init 0.5": (FIXED + ["--summary-init-std", "0.5"], {}),
     "+ sigma_data 0.25": (FIXED, {"sigma_data": 0.25}),
     "all but edm weighting": (ALL_BUT_EDM, {"sigma_data": 0.25}),
+    # The paper's RAdam against the fused AdamW that skips non-finite steps on the device
+    # (compare with "+ summary init 0.5", the same recipe with RAdam).
+    "+ summary init 0.5, fused AdamW": (FIXED + ["--summary-init-std", "0.5", "--optimizer", "adamw"], {}),
+    "+ summary init 0.5, RAdam on the fused kernel": (FIXED + ["--summary-init-std", "0.5", "--optimizer",
+                                                               "radam_fused"], {}),
 }
 
 

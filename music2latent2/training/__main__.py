@@ -1,4 +1,4 @@
-"""Command line: ``python -m music2latent2.training {train,export} ...``.
+"""Command line: ``python -m music2latent2.training {train,join,export,bench} ...``.
 
     python -m music2latent2.training train --data corpus/music:1 corpus/speech:1 \\
         --eval-data ../shared/data/eval --preset small --out runs/small --steps 100000
@@ -7,6 +7,7 @@
     python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small.safetensors \
         --start-step 12000 --max-minutes 20 --snapshot-minutes 4 --out runs/leg2   # a relay leg
     python -m music2latent2.training join runs/leg2/snapshots --out model.safetensors
+    python -m music2latent2.training bench --preset small --batch-size 32 --seconds 30 --json
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from ..checkpoint import sha256_file
 from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
 from ..model import Music2Latent2
+from .bench import add_bench_arguments, cmd_bench
 from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
 from .export import export_checkpoint, measure_latent_scale
 from .losses import LOSS_WEIGHTINGS
 from .snapshot import join_snapshot, write_snapshot
 from .state import STATE_NAME, load_state, read_state_configs, save_state
-from .trainer import SIGMA_SAMPLERS, TrainConfig, Trainer
+from .trainer import COMPILE_MODES, OPTIMIZERS, SIGMA_SAMPLERS, TrainConfig, Trainer
 
 _DEFAULTS = TrainConfig()  # the recipe flags default to the dataclass's values (docs/recipe.md)
 
@@ -93,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
                           eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
                           eval_files=args.eval_files, precision=args.precision, compile=args.compile,
+                          compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
+                          optimizer=args.optimizer, channels_last=args.channels_last,
                           start_step=args.start_step, max_minutes=args.max_minutes,
                           calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
                           snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
@@ -194,7 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--eval-seconds", type=float, default=10.0, help="evaluate the first N seconds of each file")
     t.add_argument("--eval-files", type=int, default=16, help="evaluate at most N held-out files")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    t.add_argument("--compile", action="store_true", help="torch.compile the three modules")
+    t.add_argument("--compile", default=_DEFAULTS.compile, choices=COMPILE_MODES,
+                   help="torch.compile the whole loss as one graph (auto: on CUDA; a failure falls back to eager)")
+    t.add_argument("--compile-cache", default=None,
+                   help="compiled kernels, read at start and written after compiling (default OUT/compile_cache.bin; "
+                        "carry it to the next leg to skip most of the compile)")
+    t.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS,
+                   help="radam_fused: the paper's RAdam steps on the fused Adam kernel (no host sync per step); "
+                        "radam: torch's RAdam (one sync per step); adamw: plain fused Adam, no weight decay "
+                        "(docs/recipe.md)")
+    t.add_argument("--channels-last", action="store_true", help="NHWC convolutions (measure with bench first)")
     t.add_argument("--device", default=None)
     t.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
     t.add_argument("--delta-start", type=float, default=0.1,
@@ -248,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--fp16", action="store_true", help="store weights in float16")
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_export)
+    b = sub.add_parser("bench", help="time real training steps: samples/s, FLOPs, memory, compile time")
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

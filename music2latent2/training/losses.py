@@ -12,13 +12,14 @@ import math
 from typing import Dict, List, Tuple
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..edm import index_from_sigma, sigma_from_index
 from ..model import Music2Latent2
 
 __all__ = ["consistency_step_delta", "NoiseIndexSampler", "pseudo_huber", "split_chunks", "consistency_loss",
-           "LOSS_WEIGHTINGS", "loss_weight", "ContextPairs"]
+           "LOSS_WEIGHTINGS", "loss_weight", "ContextPairs", "ConsistencyLoss", "draw_noise", "spectrogram_windows"]
 
 LOSS_WEIGHTINGS = ("inverse_delta", "edm")
 
@@ -164,77 +165,138 @@ def split_chunks(spec: torch.Tensor, chunk_frames: int) -> torch.Tensor:
     return spec.reshape(b, c, f, 2, chunk_frames).permute(0, 3, 1, 2, 4).contiguous()
 
 
-def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
-                     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-                     latent_penalty: float = 0.0, pre_tanh_limit: float = 2.0, weighting: str = "inverse_delta",
-                     context: ContextPairs | None = None, keep_latents: bool = False,
-                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """One consistency-training loss evaluation.
+def draw_noise(config: ModelConfig, batch: int, sampler: NoiseIndexSampler, generator: torch.Generator | None = None,
+               context: ContextPairs | None = None, device: torch.device | None = None,
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The random part of one loss evaluation, drawn outside the (compilable) loss.
+
+    Returns:
+        (student noise indices ``(B, 2)``, Gaussian noise ``(B, 2, C, F, chunk_frames)``), on
+        ``device`` (default: the generator's). The draw order (indices, context pairs, noise) is
+        what fixes a run's noise stream.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    device = device or gen_device
+    i_hi = sampler.sample((batch, 2), generator)
+    if context is not None:
+        i_hi = context.apply(i_hi, generator)
+    shape = (batch, 2, config.spec_channels, config.freq_bins, config.chunk_frames)
+    eps = torch.randn(shape, generator=generator, device=gen_device)  # same eps at both levels
+    return i_hi.to(device), eps.to(device)
+
+
+class ConsistencyLoss(nn.Module):
+    """The whole training loss as one module: student, teacher, distance and statistics.
+
+    Its ``forward`` is a pure function of its inputs (the noise is drawn outside by
+    :func:`draw_noise`, the consistency step comes as a 0-d tensor), so ``torch.compile(...,
+    fullgraph=True)`` captures it as one graph that never recompiles as delta shrinks, and a
+    data-parallel wrapper can treat it as the module whose forward is the loss.
 
     Args:
         model: the online network (student and, under no_grad, teacher).
-        wav: (B, audio_channels, 67072) crops: exactly two chunks of STFT frames.
-        delta: consistency step in index units (:func:`consistency_step_delta`).
-        sampler: noise index sampler.
-        generator: generator for indices and noise, ideally on the model's device (its state is
-            part of the training state).
         autocast_dtype: e.g. torch.bfloat16 to run the network under autocast.
         latent_penalty: weight of ``mean(relu(|pre| - pre_tanh_limit) ** 2)`` on the encoder's
             pre-tanh values: zero while they stay in range, a pull back once the tanh would
             saturate (a saturated tanh passes no gradient and wastes the latent range).
         pre_tanh_limit: where the penalty starts (tanh(2) = 0.96).
         weighting: :func:`loss_weight`'s scheme.
+    """
+
+    def __init__(self, model: Music2Latent2, autocast_dtype: torch.dtype | None = None, latent_penalty: float = 0.0,
+                 pre_tanh_limit: float = 2.0, weighting: str = "inverse_delta") -> None:
+        super().__init__()
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.latent_penalty, self.pre_tanh_limit, self.weighting = latent_penalty, pre_tanh_limit, weighting
+
+    def forward(self, x: torch.Tensor, i_hi: torch.Tensor, eps: torch.Tensor,
+                delta: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """
+        Args:
+            x: (B, 2, C, F, T) clean spectrogram windows (:func:`split_chunks`).
+            i_hi: (B, 2) student noise indices.
+            eps: (B, 2, C, F, T) Gaussian noise, shared by student and teacher.
+            delta: 0-d tensor, the consistency step in index units.
+
+        Returns:
+            (scalar loss with grad, 0-d tensor stats: ``sigma_mean``, ``delta_sigma_mean``,
+            ``saturated`` (fraction of latents with |tanh| > 0.99), ``pre_tanh_std``,
+            ``latent_penalty`` (the unweighted penalty), ``high_sigma_share`` (share of the
+            weighted loss from chunks above sigma 5, where one-step decoding starts), and the
+            detached ``latents`` (B, 2, K, d_lat)).
+        """
+        model = self.model
+        cfg = model.config
+        device = x.device
+        b, w = x.shape[:2]
+        i_lo = (i_hi - delta).clamp_min(0.0)
+        sig_hi = sigma_from_index(i_hi, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+        sig_lo = sigma_from_index(i_lo, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+        view = (b, w, 1, 1, 1)
+        autocast = torch.autocast(device_type=device.type, dtype=self.autocast_dtype or torch.float32,
+                                  enabled=self.autocast_dtype is not None)
+        with autocast:
+            _, features = model.encode_chunks(x.flatten(0, 1))  # chunks independent
+            pre = model.encoder.latent_out(features).float()  # (B*2, K, d_lat) before the tanh
+            latents = torch.tanh(pre)
+            cross: List[torch.Tensor] = model.decoder_features(latents)  # chunk-major, as denoise expects
+            with torch.no_grad():
+                target = model.denoise(x + sig_lo.view(view) * eps, sig_lo, [c.detach() for c in cross])
+            pred = model.denoise(x + sig_hi.view(view) * eps, sig_hi, cross)
+
+        d = x[0, 0].numel()  # elements per chunk
+        dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
+        weighted = dist * loss_weight(self.weighting, sig_hi, sig_lo, cfg.sigma_data)  # (B, 2)
+        loss = weighted.mean()
+        penalty = torch.relu(pre.abs() - self.pre_tanh_limit).pow(2).mean()
+        if self.latent_penalty > 0:
+            loss = loss + self.latent_penalty * penalty
+        pre = pre.detach()
+        weighted = weighted.detach()
+        # Tensors, not floats: the trainer reads them on log steps only (no host sync per step).
+        stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean(),
+                 "saturated": (latents.detach().abs() > 0.99).float().mean(), "pre_tanh_std": pre.std(),
+                 "latent_penalty": penalty.detach(),
+                 "high_sigma_share": (weighted * (sig_hi > 5)).sum() / weighted.sum().clamp_min(1e-30),
+                 "latents": latents.detach().view(b, w, *latents.shape[1:])}
+        return loss, stats
+
+
+def spectrogram_windows(model: Music2Latent2, wav: torch.Tensor) -> torch.Tensor:
+    """(B, audio_channels, 67072) crops -> (B, 2, C, F, chunk_frames) clean windows, in float32."""
+    with torch.autocast(device_type=wav.device.type, enabled=False):
+        spec = model.spectral(wav.float())  # (B, C, F, 128)
+    return split_chunks(spec, model.config.chunk_frames)
+
+
+def consistency_loss(model: Music2Latent2, wav: torch.Tensor, delta: float, sampler: NoiseIndexSampler,
+                     generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+                     latent_penalty: float = 0.0, pre_tanh_limit: float = 2.0, weighting: str = "inverse_delta",
+                     context: ContextPairs | None = None, keep_latents: bool = False,
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One eager consistency-training loss evaluation: noise drawn, then :class:`ConsistencyLoss`.
+
+    Args:
+        model: the online network.
+        wav: (B, audio_channels, 67072) crops: exactly two chunks of STFT frames.
+        delta: consistency step in index units (:func:`consistency_step_delta`).
+        sampler: noise index sampler.
+        generator: generator for indices and noise, ideally on the model's device (its state is
+            part of the training state).
+        autocast_dtype / latent_penalty / pre_tanh_limit / weighting: see :class:`ConsistencyLoss`.
         context: :class:`ContextPairs` to mix in, or None.
-        keep_latents: also return the batch's latents, detached, as ``stats["latents"]``
-            (B, 2, K, d_lat), for the latent-health numbers of a log line.
+        keep_latents: keep ``stats["latents"]`` (B, 2, K, d_lat), for the latent-health numbers.
 
     Returns:
-        (scalar loss with grad, 0-d tensor stats: ``sigma_mean``, ``delta_sigma_mean``,
-        ``saturated`` (fraction of latents with |tanh| > 0.99), ``pre_tanh_std``,
-        ``latent_penalty`` (the unweighted penalty) and ``high_sigma_share`` (share of the
-        weighted loss from chunks above sigma 5, where one-step decoding starts)).
+        (scalar loss with grad, 0-d tensor stats as :meth:`ConsistencyLoss.forward`).
     """
-    cfg = model.config
-    device = wav.device
-    with torch.autocast(device_type=device.type, enabled=False):
-        spec = model.spectral(wav.float())  # (B, C, F, 128)
-    x = split_chunks(spec, cfg.chunk_frames)  # (B, 2, C, F, T)
-    b, w = x.shape[:2]
-
-    i_hi = sampler.sample((b, w), generator)
-    if context is not None and w == 2:
-        i_hi = context.apply(i_hi, generator)
-    i_lo = (i_hi - delta).clamp_min(0.0)
-    sig_hi = sigma_from_index(i_hi, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
-    sig_lo = sigma_from_index(i_lo, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
-    gen_device = generator.device if generator is not None else device
-    eps = torch.randn(x.shape, generator=generator, device=gen_device).to(device)  # same eps at both levels
-    view = (b, w, 1, 1, 1)
-
-    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                              enabled=autocast_dtype is not None)
-    with autocast:
-        _, features = model.encode_chunks(x.flatten(0, 1))  # chunks independent
-        pre = model.encoder.latent_out(features).float()  # (B*2, K, d_lat) before the tanh
-        latents = torch.tanh(pre)
-        cross: List[torch.Tensor] = model.decoder_features(latents)  # chunk-major, as denoise expects
-        with torch.no_grad():
-            target = model.denoise(x + sig_lo.view(view) * eps, sig_lo, [c.detach() for c in cross])
-        pred = model.denoise(x + sig_hi.view(view) * eps, sig_hi, cross)
-
-    d = x[0, 0].numel()  # elements per chunk
-    dist = pseudo_huber(pred, target.detach(), 0.00054 * math.sqrt(d))  # (B, 2)
-    weighted = dist * loss_weight(weighting, sig_hi, sig_lo, cfg.sigma_data)  # (B, 2)
-    loss = weighted.mean()
-    penalty = torch.relu(pre.abs() - pre_tanh_limit).pow(2).mean()
-    if latent_penalty > 0:
-        loss = loss + latent_penalty * penalty
-    pre = pre.detach()
-    # Tensors, not floats: the trainer reads all its numbers in one host sync per step.
-    stats = {"sigma_mean": sig_hi.mean(), "delta_sigma_mean": (sig_hi - sig_lo).mean(),
-             "saturated": (latents.detach().abs() > 0.99).float().mean(), "pre_tanh_std": pre.std(),
-             "latent_penalty": penalty.detach(),
-             "high_sigma_share": (weighted.detach() * (sig_hi > 5)).sum() / weighted.detach().sum().clamp_min(1e-30)}
-    if keep_latents:
-        stats["latents"] = latents.detach().view(b, w, *latents.shape[1:])
+    x = spectrogram_windows(model, wav)
+    i_hi, eps = draw_noise(model.config, x.shape[0], sampler, generator, context, device=wav.device)
+    loss_fn = ConsistencyLoss(model, autocast_dtype, latent_penalty, pre_tanh_limit, weighting)
+    loss, stats = loss_fn(x, i_hi, eps, torch.full((), delta, device=wav.device))
+    if not keep_latents:
+        del stats["latents"]
     return loss, stats

@@ -100,6 +100,8 @@ def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)
     trainer.optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    steps = [float(s["step"]) for s in trainer.optimizer.state.values() if "step" in s]
+    trainer.optimizer_steps = int(max(steps)) if steps else 0
     trainer.step = int(info["step"])
     if info.get("rng_device", "cpu") == trainer.generator.device.type:
         trainer.generator.set_state(tensors["rng/generator"])

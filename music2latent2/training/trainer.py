@@ -16,11 +16,21 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..fileio import atomic_write
 from ..latent_health import HEALTH_KEYS, latent_health
 from ..model import Music2Latent2
-from .losses import LOSS_WEIGHTINGS, ContextPairs, NoiseIndexSampler, consistency_loss, consistency_step_delta
+from .losses import (
+    LOSS_WEIGHTINGS,
+    ConsistencyLoss,
+    ContextPairs,
+    NoiseIndexSampler,
+    consistency_step_delta,
+    draw_noise,
+    spectrogram_windows,
+)
 
-__all__ = ["TrainConfig", "Trainer", "noise_seed", "LEGACY_TRAIN_FIELDS"]
+__all__ = ["TrainConfig", "Trainer", "noise_seed", "LEGACY_TRAIN_FIELDS", "OPTIMIZERS", "COMPILE_MODES",
+           "radam_rectification"]
 
 # Values a training state written before a field existed was trained with: such a state resumes
 # with these, not with today's defaults (docs/recipe.md says what changed and why).
@@ -33,8 +43,35 @@ LEGACY_TRAIN_FIELDS: Dict[str, Any] = {
     "summary_init_std": None,
     "gain_db": [-12.0, 0.0],
     "noise_seed_v2": False,
+    "optimizer": "radam",
 }
 SIGMA_SAMPLERS = ("lognormal", "legacy_density")
+OPTIMIZERS = ("radam_fused", "radam", "adamw")
+COMPILE_MODES = ("auto", "on", "off")
+# Step statistics summed on the device between log lines (finite steps only).
+_SUMMED = ("loss", "saturated", "pre_tanh_std", "high_sigma_share")
+
+
+def radam_rectification(t: int, beta2: float) -> float:
+    """RAdam's step-size factor at optimiser step ``t`` (1-based), 0 while RAdam would not adapt.
+
+    From its 6th step on (rho_t > 5 at beta2 = 0.999), RAdam's update is Adam's times this
+    rectification term r_t (Liu et al., 2020): 0.03 at step 6, 0.15 at 50, 0.59 at 800, 0.83 at
+    2000, 0.98 at 5000: a long built-in warm-up, on top of the lr schedule's. Adam's fused
+    kernel at lr * r_t therefore takes RAdam's steps (but for where eps enters, negligible at
+    1e-8). Before that RAdam takes un-adapted momentum
+    steps; ``radam_fused`` spends those few steps gathering moments (factor 0) instead.
+    """
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2 ** t / (1 - beta2 ** t)
+    if rho_t <= 5:
+        return 0.0
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def noise_seed(seed: int, start_step: int) -> int:
@@ -81,7 +118,10 @@ class TrainConfig:
     eval_seconds: float = 10.0
     eval_files: int = 16
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
-    compile: bool = False
+    compile: str = "auto"  # the whole loss as one graph; auto = on CUDA (falls back to eager on failure)
+    compile_cache: str | None = None  # compiled kernels read at start and written after compiling
+    optimizer: str = "radam_fused"  # RAdam's steps on the fused Adam kernel (see radam_rectification)
+    channels_last: bool = False  # convolution weights and activations in NHWC
     start_step: int = 0
     init_from: str | None = None  # checkpoint the weights started from (recorded, not re-read on resume)
     init_sha256: str | None = None
@@ -102,6 +142,10 @@ class TrainConfig:
     gain_db: List[float] = field(default_factory=lambda: [-30.0, 0.0])  # crop peak level range, dBFS (docs/levels.md)
     noise_seed_v2: bool = True  # noise seeded from (seed, start_step); False: seed + 1 (first leg)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # states written when compile was a flag
+            self.compile = "on" if self.compile else "off"
+
     def validate(self) -> None:
         for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every", "calibrate_steps"):
             if getattr(self, name) < 1:
@@ -120,6 +164,10 @@ class TrainConfig:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got {self.min_lr} and {self.lr}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.sigma_sampler not in SIGMA_SAMPLERS:
@@ -175,9 +223,24 @@ class Trainer:
         self.model = Music2Latent2(model_config or config.model_config()).to(self.device).train()
         if config.summary_init_std is not None:
             self.model.init_summary_tokens(config.summary_init_std)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         betas = cast(Tuple[float, float], tuple(config.betas))  # TrainConfig.betas is (beta1, beta2)
-        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=betas)
+        self.optimizer: torch.optim.Optimizer
+        fused = self.device.type in ("cuda", "cpu")
+        if config.optimizer in ("adamw", "radam_fused"):
+            # Fused: one kernel for all parameters, and a non-finite step is skipped on the device
+            # through ``found_inf`` (the GradScaler protocol), so no step waits for the host.
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=betas, weight_decay=0.0,
+                                               fused=fused or None)
+        else:  # torch's RAdam: it cannot skip on the device, so one host sync per step
+            self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=config.lr, betas=betas)
+        self.device_skip = config.optimizer != "radam" and fused
+        # Optimiser steps taken (host count, for the rectification; load_state restores it). A
+        # skipped step is counted too: r_t then runs one step ahead, which no longer matters by
+        # the time steps are skipped (r_t changes by at most 1.1e-3 per step after step 100).
+        self.optimizer_steps = 0
         # Noise is drawn on the training device: no host-side randn and copy per step.
         seed = noise_seed(config.seed, config.start_step) if config.noise_seed_v2 else config.seed + 1
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -187,7 +250,7 @@ class Trainer:
         self.context = ContextPairs(self.model.config, config.context_share, config.context_sigma) \
             if config.context_share > 0 else None
         self.step = config.start_step
-        self.skipped = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # read on log steps only
         self.samples_seen = 0
         self.best_metric: float | None = None
         # The last few training batches (CPU), for measuring the latent scale at export time
@@ -201,10 +264,56 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        if config.compile:
-            # In-place compile keeps parameter names, so checkpoints stay loadable without it.
-            for module in (self.model.encoder, self.model.decoder, self.model.consistency):
-                module.compile()
+        self.loss_module = ConsistencyLoss(self.model, self.autocast_dtype, config.latent_penalty,
+                                           config.pre_tanh_limit, config.loss_weighting)
+        self._loss: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = self.loss_module
+        self.compiled = config.compile == "on" or (config.compile == "auto" and self.device.type == "cuda")
+        self.compile_seconds: float | None = None  # the first compiled step, compilation included
+        if self.compiled:
+            self._load_compile_cache()
+            # fullgraph: a graph break would split the loss into pieces with host round trips;
+            # better to fail (and fall back to eager) than to run that silently.
+            self._loss = torch.compile(self.loss_module, fullgraph=True, dynamic=False)
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite loss or gradient (reading it waits for the device)."""
+        return int(self._skipped.item())
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped.fill_(int(value))
+
+    # ----------------------------------------------------------------- compilation
+    def _load_compile_cache(self) -> None:
+        path = self.config.compile_cache
+        if path is None or not Path(path).is_file():
+            return
+        try:
+            torch.compiler.load_cache_artifacts(Path(path).read_bytes())
+            print(f"compile cache: loaded {path}", flush=True)
+        except Exception as err:  # a stale or torn cache costs a recompile, never the run
+            print(f"warning: compile cache {path} unusable ({type(err).__name__}: {err}); compiling afresh",
+                  flush=True)
+
+    def save_compile_cache(self) -> Path | None:
+        """Write the compiled kernels to ``config.compile_cache`` (atomically), for the next leg."""
+        path = self.config.compile_cache
+        if path is None or not self.compiled:
+            return None
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is None:
+            return None
+        blob = artifacts[0]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(blob))
+
+    def _fall_back_to_eager(self, err: BaseException) -> None:
+        # A window of device time is better spent training eagerly than lost to a compiler bug.
+        print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss, self.compiled = self.loss_module, False
 
     def init_weights_from(self, model: Music2Latent2) -> None:
         """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
@@ -241,57 +350,109 @@ class Trainer:
         return min(m, (1 + updates) / (10 + updates)) if self.config.ema_warmup else m
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        m = self.ema_momentum_at(self.step - self.skipped)
+    def update_ema(self, finite: torch.Tensor | None = None) -> None:
+        """EMA step at the momentum of the updates so far; ``finite`` (a 0-d bool tensor) turns
+        it into a no-op on the device when the step was skipped."""
+        updates = self.step - self._skipped.double()  # (0-d) steps taken, on the device
+        m = self.config.ema_momentum
+        if self.config.ema_warmup:
+            weight = 1.0 - torch.clamp((1 + updates) / (10 + updates), max=m)
+        else:
+            weight = torch.full_like(updates, 1.0 - m)
+        if finite is not None:
+            weight = weight * finite
         ema_params: List[torch.Tensor] = list(self.ema.parameters())
         params = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - m)
+        torch._foreach_lerp_(ema_params, params, weight.float())  # type: ignore[call-overload]  # tensor weight
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
     # ----------------------------------------------------------------- one step
-    def train_step(self, wav: torch.Tensor, health: bool = False) -> Dict[str, float]:
-        """One optimiser step on a batch ``(B, audio_channels, 67072)``.
+    def _forward_backward(self, wav: torch.Tensor, delta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        x = spectrogram_windows(self.model, wav)  # (B, 2, C, F, T), eager: the STFT stays out of the graph
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        i_hi, eps = draw_noise(self.model.config, x.shape[0], self.sampler, self.generator, self.context,
+                               device=self.device)
+        # delta as a device tensor (a fill kernel, no copy from the host): the compiled graph
+        # takes it as an input and never recompiles as the schedule moves.
+        delta_t = torch.full((), delta, device=self.device)
+        first_compiled = self.compiled and self.compile_seconds is None
+        t0 = time.perf_counter() if first_compiled else 0.0
+        try:
+            loss, stats = self._loss(x, i_hi, eps, delta_t)
+            # backward() is harmless on a non-finite loss (the step is skipped, its grads unused).
+            loss.backward()
+        except Exception as err:
+            if not first_compiled:
+                raise
+            self._fall_back_to_eager(err)
+            loss, stats = self._loss(x, i_hi, eps, delta_t)
+            loss.backward()
+            return loss, stats
+        if first_compiled:
+            _synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - t0
+            print(f"compiled the training loss in {self.compile_seconds:.1f} s", flush=True)
+            saved = self.save_compile_cache()
+            if saved is not None:
+                print(f"compile cache -> {saved}", flush=True)
+        return loss, stats
+
+    def step_on_device(self, wav: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One optimiser step on a batch ``(B, audio_channels, 67072)``, without waiting for the
+        device (with the fused AdamW): the returned statistics are 0-d device tensors (plus
+        ``latents``), with ``finite`` telling whether the step was taken.
 
         A step whose loss or gradients are not finite is skipped (no update, no EMA update) and
-        counted in ``self.skipped``; the step counter still advances so schedules stay aligned.
-        ``health=True`` adds the latent-health numbers of the batch (:func:`latent_health`, each
-        two-chunk crop a clip): an extra copy of the latents to the host, so only on log steps.
+        counted in ``skipped``; the step counter still advances so schedules stay aligned.
         """
         lr = self.lr_at(self.step)
+        if self.config.optimizer == "radam_fused":
+            lr = lr * radam_rectification(self.optimizer_steps + 1, self.config.betas[1])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         delta = self.delta_at(self.step)
         wav = wav.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = consistency_loss(self.model, wav, delta, self.sampler, self.generator, self.autocast_dtype,
-                                       self.config.latent_penalty, self.config.pre_tanh_limit,
-                                       weighting=self.config.loss_weighting, context=self.context,
-                                       keep_latents=health)
-        latents = stats.pop("latents", None)
-        # backward() is harmless on a non-finite loss (the step is skipped and its grads dropped);
-        # running it unconditionally leaves one host sync per step: the read-back below.
-        loss.backward()
+        loss, stats = self._forward_backward(wav, delta)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        names = ["loss", "grad_norm", "finite", *stats]
-        values = torch.stack([loss.detach().float(), grad_norm.float(), finite.float(),
-                              *(v.detach().float() for v in stats.values())]).tolist()
-        out = dict(zip(names, values))
-        ok = bool(out.pop("finite"))
-        if ok:
+        self.step += 1
+        self.optimizer_steps += 1
+        if self.device_skip:
+            # The GradScaler protocol: the fused kernel leaves parameters, moments and the step
+            # count untouched where found_inf is 1.
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
             self.optimizer.step()
+            self._skipped += (~finite).long()
+            self.update_ema(finite)
+        elif bool(finite):  # RAdam: the one host sync per step
+            self.optimizer.step()
+            self.update_ema()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            del out["grad_norm"]
-        self.step += 1
-        if ok:
-            self.update_ema()
+            self._skipped += 1
         self.samples_seen += wav.shape[0]
+        stats.update(loss=loss.detach().float(), grad_norm=grad_norm.float(), finite=finite)
+        return stats
+
+    def train_step(self, wav: torch.Tensor, health: bool = False) -> Dict[str, float]:
+        """:meth:`step_on_device`, then its statistics as floats (one host sync).
+
+        ``health=True`` adds the latent-health numbers of the batch (:func:`latent_health`, each
+        two-chunk crop a clip).
+        """
+        lr, delta = self.lr_at(self.step), self.delta_at(self.step)
+        stats = self.step_on_device(wav)
+        latents = stats.pop("latents")
+        out = dict(zip(stats, torch.stack([v.float() for v in stats.values()]).tolist()))
+        ok = bool(out.pop("finite"))
+        if not ok:
+            del out["grad_norm"]
         out.update(lr=lr, delta=delta, skipped=float(not ok))
-        if latents is not None:
+        if health:
             out.update(latent_health(list(latents.double().cpu().numpy())))
         return out
 
@@ -319,8 +480,9 @@ class Trainer:
         schedules; the budget is also a hard stop should the speed drop later.
         """
         c = self.config
-        window: List[float] = []
-        sums: Dict[str, float] = {}
+        # Sums of _SUMMED over the finite steps since the last log line, and their count: kept on
+        # the device and read once per log line, so no step waits for the host.
+        sums: torch.Tensor | None = None
         t_begin = time.perf_counter()
         t0, s0 = t_begin, self.step
         first = self.step
@@ -329,6 +491,8 @@ class Trainer:
         for wav in batches:
             if self.step >= c.total_steps:
                 break
+            if c.max_minutes is not None and self.step in (first + 10, first + 10 + c.calibrate_steps):
+                _synchronize(self.device)  # calibrate on finished GPU work, not on the host's queue
             now = time.perf_counter()
             if c.max_minutes is not None:
                 if now - t_begin > c.max_minutes * 60:
@@ -340,34 +504,37 @@ class Trainer:
                 elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
                     self._calibrate(c.calibrate_steps / (now - calib_t), now - t_begin)
                     calib_t = None
-            logs_next = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.total_steps
-            stats = self.train_step(wav, health=logs_next)
+            lr, delta = self.lr_at(self.step), self.delta_at(self.step)
+            stats = self.step_on_device(wav)
             self.recent_batches.append(wav.detach().cpu())
-            if stats["skipped"] == 0:
-                window.append(stats["loss"])
-                for key in ("saturated", "pre_tanh_std", "high_sigma_share"):
-                    sums[key] = sums.get(key, 0.0) + stats[key]
+            finite = stats["finite"]
+            step_sums = torch.stack([torch.where(finite, stats[k].float(), 0.0) for k in _SUMMED]
+                                    + [finite.float()])
+            sums = step_sums if sums is None else sums + step_sums
             if self.step % c.log_every == 0 or self.step == c.total_steps:
+                assert sums is not None
+                *totals, count = sums.tolist()  # the host sync of this log interval
                 rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                loss = sum(window) / len(window) if window else float("nan")
-                means = {k: v / max(len(window), 1) for k, v in sums.items()}
-                line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {stats['lr']:.2e}  "
-                        f"delta {stats['delta']:.4f}  sat {means.get('saturated', float('nan')):.4f}  "
-                        f"pre-tanh std {means.get('pre_tanh_std', float('nan')):.3f}  "
-                        f"high-sigma {means.get('high_sigma_share', float('nan')):.3f}  "
-                        f"rank {stats.get('effective_rank', float('nan')):.2f}  "
-                        f"slot-cos {stats.get('slot_cosine', float('nan')):.2f}  "
-                        f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {self.skipped}")
+                means = {k: (v / count if count else float("nan")) for k, v in zip(_SUMMED, totals)}
+                loss = means.pop("loss")
+                health = latent_health(list(stats["latents"].double().cpu().numpy()))
+                skipped = self.skipped
+                line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                        f"delta {delta:.4f}  sat {means['saturated']:.4f}  "
+                        f"pre-tanh std {means['pre_tanh_std']:.3f}  "
+                        f"high-sigma {means['high_sigma_share']:.3f}  "
+                        f"rank {health.get('effective_rank', float('nan')):.2f}  "
+                        f"slot-cos {health.get('slot_cosine', float('nan')):.2f}  "
+                        f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {skipped}")
                 print(line, flush=True)
                 if log_file is not None:
-                    health = {k: stats[k] for k in HEALTH_KEYS if k in stats}
-                    record = {"step": self.step, "loss": loss, "lr": stats["lr"], "delta": stats["delta"],
+                    record = {"step": self.step, "loss": loss, "lr": lr, "delta": delta,
                               "steps_per_s": rate, "audio_hours": self.audio_hours_seen(crop),
-                              "skipped": self.skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means,
-                              **health}
+                              "skipped": skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means,
+                              **{k: health[k] for k in HEALTH_KEYS if k in health}}
                     with open(log_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                window, sums, t0, s0 = [], {}, time.perf_counter(), self.step
+                sums, t0, s0 = None, time.perf_counter(), self.step
             if self.step % c.save_every == 0 or self.step == c.total_steps:
                 on_save(self)
             if on_eval is not None and (self.step % c.eval_every == 0 or self.step == c.total_steps):
