@@ -264,7 +264,7 @@ def test_radam_still_skips_a_non_finite_step():
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
-def test_fit_reads_its_statistics_once_per_log_line(tmp_path, capsys):
+def test_fit_leaves_a_non_finite_step_out_of_the_logged_means(tmp_path, capsys):
     trainer = Trainer(_config(total_steps=4, log_every=4, save_every=100, eval_every=100))
     batches = [_batch(trainer, 0), _nan_batch(trainer), _batch(trainer, 1), _batch(trainer, 2)]
     trainer.fit(iter(batches), 100, on_save=lambda t: None, log_file=tmp_path / "log.jsonl")

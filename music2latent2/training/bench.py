@@ -23,8 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..modules import UPSAMPLE_MODES, set_upsample_mode
+from .data import crop_samples
 from .losses import draw_noise, spectrogram_windows
-from .trainer import COMPILE_MODES, OPTIMIZERS, TrainConfig, Trainer
+from .trainer import COMPILE_MODES, OPTIMIZERS, TrainConfig, Trainer, synchronize_device
 
 __all__ = ["DENSE_BF16_TFLOPS", "bench", "training_flops_per_sample", "add_bench_arguments"]
 
@@ -56,11 +57,6 @@ def _device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def training_flops_per_sample(trainer: Trainer) -> float:
     """FLOPs of one training sample (a two-chunk crop): loss forward (student, teacher) + backward."""
     model = trainer.model
@@ -77,8 +73,6 @@ def training_flops_per_sample(trainer: Trainer) -> float:
 
 
 def _crop_samples(trainer: Trainer) -> int:
-    from .data import crop_samples
-
     c = trainer.model.config
     return crop_samples(c.chunk_samples, c.n_fft, c.hop_length)
 
@@ -115,21 +109,21 @@ def bench(config: TrainConfig, device: torch.device, seconds: float = 30.0, warm
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     trainer.step_on_device(batches[0])
-    _synchronize(device)
+    synchronize_device(device)
     first_step_s = time.perf_counter() - t0
     for i in range(warmup_steps):
         trainer.step_on_device(batches[(i + 1) % len(batches)])
-    _synchronize(device)
+    synchronize_device(device)
     steps = 0
     t0 = time.perf_counter()
     while True:
         trainer.step_on_device(batches[steps % len(batches)])
         steps += 1
         if steps % 4 == 0 or device.type != "cuda":  # the host runs ahead; look at the clock now and then
-            _synchronize(device)
+            synchronize_device(device)
             if time.perf_counter() - t0 >= seconds:
                 break
-    _synchronize(device)
+    synchronize_device(device)
     elapsed = time.perf_counter() - t0
     samples_per_s = steps * b / elapsed
     tflops = flops * samples_per_s / 1e12

@@ -69,7 +69,7 @@ def radam_rectification(t: int, beta2: float) -> float:
     return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -391,7 +391,7 @@ class Trainer:
             loss.backward()
             return loss, stats
         if first_compiled:
-            _synchronize(self.device)
+            synchronize_device(self.device)
             self.compile_seconds = time.perf_counter() - t0
             print(f"compiled the training loss in {self.compile_seconds:.1f} s", flush=True)
             saved = self.save_compile_cache()
@@ -492,7 +492,7 @@ class Trainer:
             if self.step >= c.total_steps:
                 break
             if c.max_minutes is not None and self.step in (first + 10, first + 10 + c.calibrate_steps):
-                _synchronize(self.device)  # calibrate on finished GPU work, not on the host's queue
+                synchronize_device(self.device)  # calibrate on finished GPU work, not on the host's queue
             now = time.perf_counter()
             if c.max_minutes is not None:
                 if now - t_begin > c.max_minutes * 60:
