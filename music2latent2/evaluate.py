@@ -3,7 +3,7 @@
 Encodes and decodes every audio file under DIR and reports, per file and on average, SI-SDR,
 the multi-resolution log-mel L1 distance, ViSQOL (audio mode, if ``visqol-python`` is
 installed and runs; otherwise null with the reason), the level of the reconstruction relative to
-the input (dB), the real-time factors of encode and decode (seconds of compute per second of
+the input (dB) overall and per octave band, the real-time factors of encode and decode (seconds of compute per second of
 audio), and the latent health of all files' latents together
 (:mod:`~music2latent2.latent_health`). Writes ``results.json`` and ``results.md``.
 """
@@ -25,12 +25,12 @@ from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio, resample
 from .fileio import atomic_write
 from .inference import EncoderDecoder
 from .latent_health import HEALTH_KEYS, chunk_embeddings, latent_health
-from .metrics import multires_logmel_distance, si_sdr
+from .metrics import band_level_error_db, multires_logmel_distance, octave_band_levels_db, si_sdr
 from .sampling import DEFAULT_DENOISING_STEPS, DEFAULT_SIGMA_COND
 
 __all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "evaluate_files", "main"]
 
-METRICS = ("si_sdr", "logmel_distance", "visqol", "level_db", "encode_rtf", "decode_rtf")
+METRICS = ("si_sdr", "logmel_distance", "visqol", "level_db", "band_level_error_db", "encode_rtf", "decode_rtf")
 
 
 def level_difference_db(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -93,7 +93,9 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
 
     Returns:
         {"file", "seconds", "channels", "si_sdr", "logmel_distance", "visqol", "visqol_error",
-        "level_db", "encode_rtf", "decode_rtf", "chunk_latents"}; ``chunk_latents`` is
+        "level_db", "band_levels_db", "band_level_error_db", "encode_rtf", "decode_rtf",
+        "chunk_latents"}; ``band_levels_db`` is the per-octave-band level difference
+        (:func:`~music2latent2.metrics.octave_band_levels_db`), ``chunk_latents`` is
         (chunks, K, d_lat) for :func:`~music2latent2.latent_health.latent_health`, not a metric.
     """
     data, sr = load_audio(path)
@@ -123,6 +125,8 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
     score, error = visqol.score(data, rec, sr_model) if visqol is not None else (None, "not requested")
     result["visqol"], result["visqol_error"] = score, error
     result["level_db"] = level_difference_db(data, rec)
+    result["band_levels_db"] = octave_band_levels_db(data, rec, sr_model)
+    result["band_level_error_db"] = band_level_error_db(result["band_levels_db"])
     result["encode_rtf"] = (t1 - t0) / seconds
     result["decode_rtf"] = (t2 - t1) / seconds
     result["chunk_latents"] = chunk_embeddings(z, encdec.config.summary_tokens)
@@ -141,8 +145,9 @@ def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: f
     """Evaluate several files.
 
     Returns:
-        {"files": [per-file dicts], "mean": {metric: value|None}, "latent_health": {...}}: the
-        latent health of every file's latents taken together, each file a clip.
+        {"files": [per-file dicts], "mean": {metric: value|None}, "band_levels_db": {band: mean
+        over the files where it is not empty}, "latent_health": {...}}: the latent health of
+        every file's latents taken together, each file a clip.
     """
     if not files:
         raise ValueError("no audio files to evaluate")
@@ -155,8 +160,9 @@ def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: f
         if verbose:
             print(f"{Path(path).name}: " + ", ".join(_fmt(k, row[k]) for k in METRICS), flush=True)
     mean = {k: _mean(rows, k) for k in METRICS}
+    bands = {band: _mean([r["band_levels_db"] for r in rows], band) for band in rows[0]["band_levels_db"]}
     health = {k: (v if math.isfinite(v) else None) for k, v in latent_health(clips).items()}
-    return {"files": rows, "mean": mean, "latent_health": health}
+    return {"files": rows, "mean": mean, "band_levels_db": bands, "latent_health": health}
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -165,8 +171,9 @@ def _fmt(key: str, value: float | None) -> str:
 
 def markdown_table(report: Dict[str, Any]) -> str:
     """Per-file rows and a mean row, as a markdown table."""
-    head = "| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | level (dB) | encode RTF | decode RTF |"
-    lines = [head, "|" + " --- |" * 8]
+    head = ("| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | level (dB) | band level error (dB) | "
+            "encode RTF | decode RTF |")
+    lines = [head, "|" + " --- |" * (len(METRICS) + 2)]
 
     def cell(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -176,6 +183,9 @@ def markdown_table(report: Dict[str, Any]) -> str:
                      " | ".join(cell(r[k]) for k in METRICS) + " |")
     total = sum(r["seconds"] for r in report["files"])
     lines.append(f"| **mean** | {total:.1f} | " + " | ".join(cell(report["mean"][k]) for k in METRICS) + " |")
+    if report.get("band_levels_db"):
+        lines += ["", "Level per octave band, reconstruction minus input (dB, mean over files): " + ", ".join(
+            f"{band} {'n/a' if v is None else f'{v:+.1f}'}" for band, v in report["band_levels_db"].items())]
     if report.get("latent_health"):
         health = report["latent_health"]
         lines += ["", "Latent health (all files' latents; docs/recipe.md): " + ", ".join(

@@ -7,12 +7,13 @@ compare them along the last axis; leading axes (channels, batch) are averaged.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["si_sdr", "mel_filterbank", "log_mel_spectrogram", "multires_logmel_distance"]
+__all__ = ["si_sdr", "mel_filterbank", "log_mel_spectrogram", "multires_logmel_distance", "OCTAVE_CENTRES_HZ",
+           "octave_band_levels_db", "band_level_error_db"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -120,3 +121,55 @@ def multires_logmel_distance(reference: ArrayLike, estimate: ArrayLike, sample_r
         total += float((a - b).abs().mean())
     value = total / len(resolutions)
     return 0.0 if math.isclose(value, 0.0, abs_tol=1e-12) else value
+
+
+OCTAVE_CENTRES_HZ = (63, 125, 250, 500, 1000, 2000, 4000, 8000, 16000)
+
+
+def _band_label(centre: int) -> str:
+    return f"{centre // 1000} kHz" if centre >= 1000 else f"{centre} Hz"
+
+
+def octave_band_levels_db(reference: ArrayLike, estimate: ArrayLike, sample_rate: int = 44100,
+                          n_fft: int = 4096, empty_below_db: float = -60.0) -> Dict[str, float | None]:
+    """Level of ``estimate`` relative to ``reference`` in each octave band, in dB.
+
+    One number per band (centres 63 Hz .. 16 kHz, edges at centre / sqrt(2) .. centre * sqrt(2),
+    the top band up to Nyquist): 10 log10 of the estimate's power in the band over the
+    reference's, from power spectra averaged over Hann frames of ``n_fft``. The overall level
+    (``level_difference_db``) hides a spectral tilt or a hole; this shows where it is.
+
+    Returns:
+        {band label: dB, or None where the reference holds less than ``empty_below_db`` of its
+        total power in that band (a band a speech file or a low sample rate leaves empty)}.
+    """
+    ref, est = _as_pair(reference, estimate)
+    spectra = []
+    for x in (ref, est):
+        x = x.double().reshape(-1, x.shape[-1])  # (channels, T)
+        if x.shape[-1] < n_fft:
+            x = torch.nn.functional.pad(x, (0, n_fft - x.shape[-1]))
+        spec = torch.stft(x, n_fft, n_fft // 2, window=torch.hann_window(n_fft, dtype=torch.float64),
+                          center=False, return_complex=True)  # (channels, n_fft/2+1, frames)
+        spectra.append(spec.abs().pow(2).mean(dim=(0, 2)))  # (n_fft/2+1,)
+    freqs = torch.fft.rfftfreq(n_fft, 1.0 / sample_rate, dtype=torch.float64)
+    total = float(spectra[0].sum())
+    out: Dict[str, float | None] = {}
+    for centre in OCTAVE_CENTRES_HZ:
+        lo, hi = centre / math.sqrt(2), centre * math.sqrt(2)
+        if centre == OCTAVE_CENTRES_HZ[-1]:
+            hi = sample_rate / 2 + 1
+        band = (freqs >= lo) & (freqs < hi)
+        p_ref, p_est = float(spectra[0][band].sum()), float(spectra[1][band].sum())
+        if total <= 0 or p_ref <= total * 10 ** (empty_below_db / 10):
+            out[_band_label(centre)] = None
+        else:
+            out[_band_label(centre)] = 10 * math.log10(max(p_est, 1e-30) / p_ref)
+    return out
+
+
+def band_level_error_db(band_levels: Dict[str, float | None]) -> float | None:
+    """Mean absolute per-band level difference over the bands that are not empty (dB), each band
+    capped at 60 dB so that one band a reconstruction leaves silent does not swamp the rest."""
+    values = [min(abs(v), 60.0) for v in band_levels.values() if v is not None]
+    return float(np.mean(values)) if values else None

@@ -83,3 +83,22 @@ def test_visqol_orders_degradations_or_reports_why():
     clean_score, err = v.score(x, x, 44100)
     noisy_score, _ = v.score(x, noisy, 44100)
     assert err is None and 1.0 <= noisy_score < clean_score <= 5.0
+
+
+def test_octave_band_levels_see_a_gain_and_a_missing_top():
+    from music2latent2.metrics import band_level_error_db, octave_band_levels_db
+
+    x = np.random.default_rng(0).standard_normal((1, 44100)).astype(np.float32)
+    half = octave_band_levels_db(x, 0.5 * x)
+    assert len(half) == 9 and all(v == pytest.approx(-6.0206, abs=1e-6) for v in half.values())
+    assert band_level_error_db(half) == pytest.approx(6.0206, abs=1e-6)
+    # Remove everything above ~3 kHz from the estimate: the bands up there drop, the low ones stay.
+    spec = np.fft.rfft(x)
+    spec[:, np.fft.rfftfreq(x.shape[-1], 1 / 44100) > 3000] = 0
+    dull = np.fft.irfft(spec, n=x.shape[-1])
+    levels = octave_band_levels_db(x, dull)
+    assert abs(levels["250 Hz"]) < 0.1 and levels["8 kHz"] < -40 and levels["16 kHz"] < -40
+    assert band_level_error_db(levels) <= 60  # a silent band counts at most 60 dB
+    # The other way round the reference's top bands are empty: no number is made up for them.
+    back = octave_band_levels_db(dull, x)
+    assert back["16 kHz"] is None and back["8 kHz"] is None and back["250 Hz"] is not None

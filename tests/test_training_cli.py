@@ -66,6 +66,13 @@ def test_train_resume_export_evaluate(tmp_path, capsys):
     assert row["visqol"] is None and "disabled" in row["visqol_error"]
     assert row["encode_rtf"] > 0 and row["decode_rtf"] > 0
     assert "| **mean** |" in (tmp_path / "report" / "results.md").read_text()
+    # Per-octave-band levels per file and averaged (0.1 s of audio: every band is measured).
+    assert list(row["band_levels_db"]) == ["63 Hz", "125 Hz", "250 Hz", "500 Hz", "1 kHz", "2 kHz", "4 kHz",
+                                           "8 kHz", "16 kHz"]
+    assert set(report["band_levels_db"]) == set(row["band_levels_db"])
+    measured = [v for v in row["band_levels_db"].values() if v is not None]
+    assert measured and row["band_level_error_db"] == pytest.approx(np.mean([min(abs(v), 60) for v in measured]))
+    assert "Level per octave band" in (tmp_path / "report" / "results.md").read_text()
 
 
 def test_evaluate_cli_rejects_missing_data(tmp_path):

@@ -4,23 +4,26 @@
         --eval-data ../shared/data/eval --preset small --out runs/small --steps 100000
     python -m music2latent2.training train --out runs/small --resume          # continue
     python -m music2latent2.training export --state runs/small --data corpus/music --out ckpt/ --fp16
-    python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small.safetensors \
-        --start-step 12000 --max-minutes 20 --snapshot-minutes 4 --out runs/leg2   # a relay leg
+    python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small \
+        --max-minutes 9 --snapshot-minutes 2.5 --out runs/leg2   # a relay leg: step and delta continue
     python -m music2latent2.training join runs/leg2/snapshots --out model.safetensors
     python -m music2latent2.training bench --preset small --batch-size 32 --seconds 30 --json
+    python -m music2latent2.training ship-check runs/leg2/eval runs/shipped/eval   # exit 0: ship
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import sha256_file
+from ..checkpoint import read_metadata, sha256_file
 from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
 from ..model import Music2Latent2
@@ -61,7 +64,36 @@ def _export(trainer: Trainer, loader, path: Path, fp16: bool) -> Path:
     # workers would reset the running one.
     scale = _latent_scale(trainer, loader)
     return export_checkpoint(trainer.ema, path, latent_scale=scale, step=trainer.step,
-                             dtype=torch.float16 if fp16 else None)
+                             dtype=torch.float16 if fp16 else None, delta=trainer.delta_at(trainer.step))
+
+
+def continuation(metadata: Dict[str, str], start_step: int | None, delta_start: float | None,
+                 delta_end: float) -> Tuple[int, float, float, List[str]]:
+    """Where a run from a checkpoint starts: ``(start_step, delta_start, delta_end, notes)``.
+
+    Flags given win; otherwise the step count continues from the checkpoint's ``training_step``
+    and the consistency step from its ``training_delta`` (so a continuation does not start again
+    as a pure denoiser, nor at the paper's 0.1), shrinking towards ``delta_end``. A checkpoint
+    already below ``delta_end`` keeps its delta.
+    """
+    notes = []
+    if start_step is None:
+        start_step = int(metadata.get("training_step") or 0)
+        notes.append(f"step count continues from the checkpoint's training_step {start_step}"
+                     if "training_step" in metadata else "the checkpoint records no training_step: counting from 0")
+    if delta_start is None:
+        if "training_delta" in metadata:
+            delta_start = float(metadata["training_delta"])
+            notes.append(f"consistency step continues from the checkpoint's training_delta {delta_start:.4g}")
+        else:
+            delta_start = _DEFAULTS.delta_start
+            notes.append(f"the checkpoint records no training_delta: delta starts at {delta_start:g}")
+    if not (math.isfinite(delta_start) and delta_start > 0):
+        raise SystemExit(f"delta must be a positive number, got {delta_start}")
+    if delta_end > delta_start:
+        notes.append(f"delta {delta_start:.4g} is already below --delta-end {delta_end:g}: it stays there")
+        delta_end = delta_start
+    return start_step, delta_start, delta_end, notes
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.total_steps = args.steps
         if args.max_minutes:
             cfg.max_minutes = args.max_minutes
+        if args.end_file:
+            cfg.end_file = args.end_file
         trainer = Trainer(cfg, device, model_config)
         load_state(trainer, out / STATE_NAME)
         print(f"resumed {out} at step {trainer.step}", flush=True)
@@ -83,21 +117,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
         overrides = json.loads(args.model_overrides) if args.model_overrides else {}
         init = None
+        start_step = args.start_step or 0
+        delta_start = _DEFAULTS.delta_start if args.delta_start is None else args.delta_start
+        delta_end = args.delta_end
         if args.init_from:
             init = Music2Latent2.from_pretrained(args.init_from)  # strict; CheckpointError names what is wrong
             if overrides:
                 raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
+            assert init.source is not None  # set by from_pretrained
+            start_step, delta_start, delta_end, notes = continuation(
+                read_metadata(init.source.path), args.start_step, args.delta_start, args.delta_end)
+            for note in notes:
+                print(f"note: {note}", flush=True)
+        total_steps = args.steps or (start_step + args.more_steps if args.more_steps else 1_000_000)
+        if total_steps <= start_step:
+            raise SystemExit(f"--steps {total_steps} is not beyond the start step {start_step} "
+                             "(--steps counts from 0; --more-steps counts from the start step)")
         cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
                           out_dir=str(out), batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
-                          total_steps=args.steps or 1_000_000, warmup_steps=args.warmup, ema_momentum=args.ema,
-                          delta_start=args.delta_start, delta_end=args.delta_end,
+                          total_steps=total_steps, warmup_steps=args.warmup, ema_momentum=args.ema,
+                          delta_start=delta_start, delta_end=delta_end,
                           sigma_log_mean=args.sigma_log_mean, sigma_log_std=args.sigma_log_std, seed=args.seed,
                           num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
                           eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
                           eval_files=args.eval_files, precision=args.precision, compile=args.compile,
                           compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
                           optimizer=args.optimizer, channels_last=args.channels_last,
-                          start_step=args.start_step, max_minutes=args.max_minutes,
+                          start_step=start_step, max_minutes=args.max_minutes, end_file=args.end_file,
                           calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
                           snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
                           latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit,
@@ -108,11 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if init is not None:
             assert init.source is not None  # set by from_pretrained
             cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
-            if cfg.summary_init_std is not None:
-                print(f"note: the summary tokens and positions of {cfg.init_from} are re-drawn at std "
-                      f"{cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)", flush=True)
             trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0))
-            trainer.init_weights_from(init)
+            if trainer.init_weights_from(init):
+                print(f"note: the summary tokens and positions of {cfg.init_from} were at a small scale and are "
+                      f"re-drawn at std {cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)", flush=True)
             print(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}",
                   flush=True)
         else:
@@ -120,6 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {device}", flush=True)
     loader, crop = _loader(cfg, trainer)
+    if args.end_by is not None:
+        # An absolute end (a device lease's): whatever loading the data took is already spent.
+        left = (args.end_by - time.time()) / 60
+        if left <= cfg.reserve_minutes:
+            raise SystemExit(f"--end-by leaves {left:.2f} min, not more than --reserve-minutes {cfg.reserve_minutes:g}")
+        cfg.max_minutes = left if cfg.max_minutes is None else min(cfg.max_minutes, left)
+        print(f"time budget: {cfg.max_minutes:.2f} min until --end-by", flush=True)
 
     def on_save(t: Trainer) -> None:
         save_state(t, out / STATE_NAME)
@@ -133,8 +185,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         t.ema.requires_grad_(False)
         mean, health = report["mean"], report["latent_health"]
         rank, slot_cos = (float("nan") if health[k] is None else health[k] for k in ("effective_rank", "slot_cosine"))
+        band_error = float("nan") if mean["band_level_error_db"] is None else mean["band_level_error_db"]
         print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}  "
-              f"level {mean['level_db']:+.1f} dB  latent rank {rank:.2f}  slot-cos {slot_cos:.2f}", flush=True)
+              f"level {mean['level_db']:+.1f} dB  band error {band_error:.1f} dB  latent rank {rank:.2f}  "
+              f"slot-cos {slot_cos:.2f}", flush=True)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
         if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
@@ -145,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_snapshot(t: Trainer) -> None:
         snap = write_snapshot(t.ema, out / "snapshots", t.step, _latent_scale(t, loader),
-                              piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20))
+                              piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20), delta=t.delta_at(t.step))
         print(f"snapshot step {t.step} -> {snap}", flush=True)
 
     trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl", on_snapshot=on_snapshot)
@@ -174,6 +228,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# A candidate ships when it is better on log-mel and no worse, beyond these margins, on the rest.
+SHIP_MARGINS = {"visqol": 0.02, "band_level_error_db": 0.25, "abs_level_db": 0.5}
+
+
+def _results(path: str) -> dict:
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read evaluation results {p} ({err})") from err
+
+
+def ship_decision(candidate: dict, shipped: dict) -> Tuple[bool, List[str]]:
+    """Whether ``candidate`` (a results.json of ``python -m music2latent2.evaluate``) beats
+    ``shipped`` on the same files: lower log-mel distance, and ViSQOL, per-band level error and
+    overall level each no worse than :data:`SHIP_MARGINS` allow. Returns (ships, lines)."""
+    def files(r: dict) -> list:
+        return [(Path(f["file"]).name, round(f["seconds"], 2)) for f in r["files"]]
+
+    if files(candidate) != files(shipped) or candidate.get("decoding") != shipped.get("decoding"):
+        raise SystemExit("error: the two evaluations are not comparable (other files, lengths or decode settings)")
+    c, s = candidate["mean"], shipped["mean"]
+    rows = [("log-mel distance", c["logmel_distance"], s["logmel_distance"],
+             c["logmel_distance"] < s["logmel_distance"])]
+    for key, label, sign in (("visqol", "ViSQOL", 1), ("band_level_error_db", "band level error (dB)", -1)):
+        if c.get(key) is None or s.get(key) is None:
+            rows.append((label, c.get(key), s.get(key), True))  # not measured on one side: not held against it
+        else:
+            rows.append((label, c[key], s[key], sign * (c[key] - s[key]) >= -SHIP_MARGINS[key]))
+    rows.append(("|level| (dB)", abs(c["level_db"]), abs(s["level_db"]),
+                 abs(c["level_db"]) <= abs(s["level_db"]) + SHIP_MARGINS["abs_level_db"]))
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [f"{label:24s} candidate {fmt(a):>8s}  shipped {fmt(b):>8s}  {'ok' if good else 'WORSE'}"
+             for label, a, b, good in rows]
+    ships = all(good for *_, good in rows)
+    lines.append("verdict: SHIP (better on the held-out evaluation)" if ships else "verdict: do not ship")
+    return ships, lines
+
+
+def cmd_ship_check(args: argparse.Namespace) -> int:
+    ships, lines = ship_decision(_results(args.candidate), _results(args.shipped))
+    print("\n".join(lines))
+    return 0 if ships else 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m music2latent2.training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--preset", default="small", choices=["paper", "paper_stereo", "small", "tiny"])
     t.add_argument("--model-overrides", default=None, help='JSON, e.g. \'{"depth": 4}\'')
     t.add_argument("--steps", type=int, default=None, help="total steps (default 1M; on resume: extend)")
+    t.add_argument("--more-steps", type=int, default=None,
+                   help="total steps as a count from the start step (e.g. from an --init-from checkpoint's)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=10000)
@@ -210,17 +315,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions (measure with bench first)")
     t.add_argument("--device", default=None)
     t.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
-    t.add_argument("--delta-start", type=float, default=0.1,
-                   help="consistency step at the start, index units (>= 1: start as a pure denoiser)")
+    t.add_argument("--delta-start", type=float, default=None,
+                   help="consistency step at the start, index units (>= 1: start as a pure denoiser; default 0.1, "
+                        "or an --init-from checkpoint's training_delta)")
     t.add_argument("--delta-end", type=float, default=1e-3, help="consistency step at the end (bf16: keep >= 0.01)")
     t.add_argument("--sigma-log-mean", type=float, default=-1.1, help="mean of log(sigma) of training noise")
     t.add_argument("--sigma-log-std", type=float, default=2.0, help="std of log(sigma) of training noise")
     t.add_argument("--init-from", default=None, help="start online and EMA weights from this checkpoint "
                    "(file, folder, manifest name or Hub repo id) "
-                   "(fresh optimiser; use --start-step to continue the step count)")
-    t.add_argument("--start-step", type=int, default=0, help="step counter at the start; schedules run from it")
+                   "(fresh optimiser; step count and delta continue from its metadata)")
+    t.add_argument("--start-step", type=int, default=None,
+                   help="step counter at the start; schedules run from it (default 0, or an --init-from "
+                        "checkpoint's training_step)")
     t.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: schedules end when it does (speed measured over the first steps)")
+    t.add_argument("--end-by", type=float, default=None, metavar="UNIX_SECONDS",
+                   help="absolute time budget (e.g. a device lease's end): the minutes left once the data "
+                        "is loaded, as --max-minutes (the smaller of the two)")
+    t.add_argument("--end-file", default=None, metavar="PATH",
+                   help="a file holding the UNIX time to end by, re-read every 5 s: moving it moves the end "
+                        "and re-lays the schedules (a device lease whose spent time is known only later)")
     t.add_argument("--reserve-minutes", type=float, default=0.5,
                    help="part of --max-minutes kept free at the end for the final export")
     t.add_argument("--calibrate-steps", type=int, default=100, help="steps timed to lay out a --max-minutes budget")
@@ -244,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="noise level of such a context chunk")
     recipe.add_argument("--summary-init-std", type=_float_or_none, default=_DEFAULTS.summary_init_std,
                         help="std of the summary tokens and their decoder positions at initialisation, "
-                             "re-drawn after --init-from too ('none': the modules' own small init, or the "
-                             "checkpoint's tokens)")
+                             "re-drawn after --init-from while the checkpoint's are below half of it ('none': "
+                             "the modules' own small init, or the checkpoint's tokens)")
     recipe.add_argument("--gain-db", type=float, nargs=2, default=_DEFAULTS.gain_db, metavar=("LOW", "HIGH"),
                         help="peak level range of training crops, dBFS")
     t.set_defaults(func=cmd_train)
@@ -264,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time real training steps: samples/s, FLOPs, memory, compile time")
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+    sc = sub.add_parser("ship-check", help="does a candidate beat the shipped model? (exit 0: ship, 3: do not)")
+    sc.add_argument("candidate", help="results.json (or its folder) of the candidate's evaluation")
+    sc.add_argument("shipped", help="results.json (or its folder) of the shipped model's, same files and settings")
+    sc.set_defaults(func=cmd_ship_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

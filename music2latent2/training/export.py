@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Dict, Iterable, Union
 
 import torch
 
@@ -52,7 +52,8 @@ def measure_latent_scale(model: Music2Latent2, batches: Iterable[torch.Tensor], 
 
 
 def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], latent_scale: float | None = None,
-                      dtype: torch.dtype | None = None, step: int | None = None) -> Path:
+                      dtype: torch.dtype | None = None, step: int | None = None,
+                      delta: float | None = None) -> Path:
     """Write an inference checkpoint of ``model`` (:meth:`Music2Latent2.save_pretrained`).
 
     Args:
@@ -60,10 +61,16 @@ def export_checkpoint(model: Music2Latent2, path: Union[str, os.PathLike], laten
         path: output directory or ``.safetensors`` file.
         latent_scale: stored in the config (default: keep the model's).
         dtype: e.g. torch.float16 to halve the file.
-        step: training step, recorded in the metadata.
+        step: training step, recorded in the metadata (``training_step``).
+        delta: the consistency step at ``step`` (``training_delta``), where a run continuing
+            from this checkpoint resumes its delta schedule.
     """
     out = copy.deepcopy(model).cpu()
     if latent_scale is not None:
         out.config = out.config.replace(latent_scale=float(latent_scale))
-    extra = {"training_step": str(step)} if step is not None else None
-    return out.save_pretrained(path, dtype=dtype, extra_metadata=extra)
+    extra: Dict[str, str] = {}
+    if step is not None:
+        extra["training_step"] = str(step)
+    if delta is not None:
+        extra["training_delta"] = repr(float(delta))
+    return out.save_pretrained(path, dtype=dtype, extra_metadata=extra or None)

@@ -59,7 +59,7 @@ def split_file(path: Path, out_dir: Path, piece_bytes: int) -> List[Dict[str, An
 
 
 def write_snapshot(model: Music2Latent2, folder: Union[str, os.PathLike], step: int, latent_scale: float,
-                   piece_bytes: int = 15 * 2 ** 20, keep: int = 2) -> Path:
+                   piece_bytes: int = 15 * 2 ** 20, keep: int = 2, delta: float | None = None) -> Path:
     """Write ``model`` (the EMA network) as an fp16 checkpoint in pieces; see the module doc.
 
     Args:
@@ -69,6 +69,7 @@ def write_snapshot(model: Music2Latent2, folder: Union[str, os.PathLike], step: 
         latent_scale: stored in the checkpoint's config.
         piece_bytes: largest piece.
         keep: how many complete snapshots to keep (older ones are deleted).
+        delta: the consistency step at ``step``, recorded for a continuation.
 
     Returns:
         The snapshot's folder.
@@ -79,7 +80,8 @@ def write_snapshot(model: Music2Latent2, folder: Union[str, os.PathLike], step: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the snapshot is an ordinary folder
-        ckpt = export_checkpoint(model, tmp / WEIGHTS_NAME, latent_scale=latent_scale, dtype=torch.float16, step=step)
+        ckpt = export_checkpoint(model, tmp / WEIGHTS_NAME, latent_scale=latent_scale, dtype=torch.float16, step=step,
+                                 delta=delta)
         pieces = split_file(ckpt, tmp, piece_bytes)
         index = {"format": SNAPSHOT_FORMAT, "file": WEIGHTS_NAME, "size": ckpt.stat().st_size,
                  "sha256": sha256_file(ckpt), "step": step, "pieces": pieces}

@@ -126,6 +126,7 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint the weights started from (recorded, not re-read on resume)
     init_sha256: str | None = None
     max_minutes: float | None = None  # time budget: total_steps is set from the measured speed
+    end_file: str | None = None  # a file holding the UNIX time to end by, re-read during the run (a lease's end)
     calibrate_steps: int = 100
     reserve_minutes: float = 0.5  # kept free at the end of the budget for the final export
     snapshot_minutes: float | None = None  # fp16 EMA snapshots in pieces, for machines that may vanish
@@ -252,6 +253,7 @@ class Trainer:
         self.step = config.start_step
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # read on log steps only
         self.samples_seen = 0
+        self._steps_per_s: float | None = None  # measured when a time budget is calibrated
         self.best_metric: float | None = None
         # The last few training batches (CPU), for measuring the latent scale at export time
         # without opening a second iterator on the running DataLoader.
@@ -315,20 +317,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._loss, self.compiled = self.loss_module, False
 
-    def init_weights_from(self, model: Music2Latent2) -> None:
+    def init_weights_from(self, model: Music2Latent2) -> bool:
         """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
-        stays fresh, which is why a relay leg warms its learning rate up again. With
-        ``config.summary_init_std`` set, the loaded summary tokens and positions are re-drawn."""
+        stays fresh, which is why a relay leg warms its learning rate up again.
+
+        With ``config.summary_init_std`` set, summary tokens still at a small initial scale (std
+        below half of it, as in every checkpoint trained before that option) are re-drawn at it;
+        tokens a run already trained at that scale are kept, so a relay of legs does not throw
+        away what the previous leg learned.
+
+        Returns:
+            True if the summary tokens and positions were re-drawn.
+        """
         if model.config.replace(latent_scale=1.0).to_dict() != self.model.config.replace(latent_scale=1.0).to_dict():
             raise ValueError("the checkpoint's model config differs from the run's")
         state = model.state_dict()
         self.model.load_state_dict(state, strict=True)
-        if self.config.summary_init_std is not None:
+        target = self.config.summary_init_std
+        redraw = target is not None and float(self.model.encoder.summary_tokens.detach().std()) < 0.5 * target
+        if redraw:
+            assert target is not None
             # Re-drawn on purpose: a checkpoint whose K slots collapsed into copies of one vector
             # gets distinct slots again, keeping everything else it learned (docs/recipe.md).
-            self.model.init_summary_tokens(self.config.summary_init_std,
-                                           torch.Generator().manual_seed(self.config.seed))
+            self.model.init_summary_tokens(target, torch.Generator().manual_seed(self.config.seed))
         self.ema.load_state_dict(self.model.state_dict(), strict=True)
+        return redraw
 
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
@@ -488,9 +501,14 @@ class Trainer:
         first = self.step
         calib_t: float | None = None
         last_snapshot = t_begin
+        ender = _EndFile(c.end_file, time.time()) if c.end_file else None
+        if ender is not None:
+            ender.apply(self, None, 0.0)
         for wav in batches:
             if self.step >= c.total_steps:
                 break
+            if ender is not None and time.perf_counter() - ender.checked >= 5.0:
+                ender.apply(self, self._steps_per_s, time.perf_counter() - t_begin)
             if c.max_minutes is not None and self.step in (first + 10, first + 10 + c.calibrate_steps):
                 synchronize_device(self.device)  # calibrate on finished GPU work, not on the host's queue
             now = time.perf_counter()
@@ -502,7 +520,8 @@ class Trainer:
                 if self.step == first + 10:
                     calib_t = now
                 elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
-                    self._calibrate(c.calibrate_steps / (now - calib_t), now - t_begin)
+                    self._steps_per_s = c.calibrate_steps / (now - calib_t)
+                    self._calibrate(self._steps_per_s, now - t_begin)
                     calib_t = None
             lr, delta = self.lr_at(self.step), self.delta_at(self.step)
             stats = self.step_on_device(wav)
@@ -543,3 +562,34 @@ class Trainer:
                     and time.perf_counter() - last_snapshot >= c.snapshot_minutes * 60):
                 on_snapshot(self)
                 last_snapshot = time.perf_counter()
+
+
+class _EndFile:
+    """The end of a run's time budget as a UNIX time in a file that someone else may move (a
+    device lease's end, corrected as the lease's spent time becomes known)."""
+
+    def __init__(self, path: str, begin_unix: float) -> None:
+        self.path, self.begin_unix = Path(path), begin_unix
+        self.value: float | None = None
+        self.checked = time.perf_counter()
+
+    def read(self) -> float | None:
+        try:
+            value = float(self.path.read_text().strip())
+        except (OSError, ValueError):  # absent or half-written: keep the last value
+            return None
+        return value if math.isfinite(value) else None
+
+    def apply(self, trainer: "Trainer", steps_per_s: float | None, elapsed_s: float) -> None:
+        """Re-read the file; on a new value move ``max_minutes`` and, once the speed is known,
+        lay the schedules out again over what is left."""
+        self.checked = time.perf_counter()
+        value = self.read()
+        if value is None or value == self.value:
+            return
+        self.value = value
+        c = trainer.config
+        c.max_minutes = max(0.0, (value - self.begin_unix) / 60)
+        print(f"time budget: ends in {(value - time.time()) / 60:.2f} min ({self.path})", flush=True)
+        if steps_per_s is not None:
+            trainer._calibrate(steps_per_s, elapsed_s)
