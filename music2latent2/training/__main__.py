@@ -105,8 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.total_steps = args.steps
         if args.max_minutes:
             cfg.max_minutes = args.max_minutes
-        if args.end_file:
-            cfg.end_file = args.end_file
+        cfg.end_file = args.end_file  # an end time belongs to one lease, not to the run: never reused
         trainer = Trainer(cfg, device, model_config)
         load_state(trainer, out / STATE_NAME)
         print(f"resumed {out} at step {trainer.step}", flush=True)
