@@ -245,3 +245,35 @@ def test_ship_check_needs_better_log_mel_and_nothing_worse(tmp_path):
     (tmp_path / "s" / "results.json").write_text(json.dumps(shipped))
     assert train_main(["ship-check", str(tmp_path / "c"), str(tmp_path / "s")]) == 0
     assert train_main(["ship-check", str(tmp_path / "s"), str(tmp_path / "c")]) == 3
+
+
+def test_poll_returns_the_snapshot_logs_and_the_compile_cache_once(tmp_path, monkeypatch):
+    leg = _leg_module()
+    for key in [k for k in os.environ if k.startswith("LEG_")]:
+        monkeypatch.delenv(key)
+    home = tmp_path / "leg"
+    snap = home / "run" / "snapshots" / "step-00000042"
+    snap.mkdir(parents=True)
+    for name in ("model.safetensors.000", "model.safetensors.001", "pieces.json"):
+        (snap / name).write_bytes(b"x" * 100)
+    (home / "run" / "snapshots" / "LATEST").write_text("step-00000042\n")
+    (home / "run" / "log.jsonl").write_text('{"step": 42}\n')
+    (home / "train.log").write_text("step 42/42\n")
+    (home / "compile_cache.bin").write_bytes(b"kernels" * 1000)
+    done = subprocess.Popen(["true"])
+    done.wait()  # a trainer that has ended
+    (home / "pid").write_text(f"{done.pid}\n")
+    (home / "exit_code").write_text("0\n")
+    monkeypatch.setenv("LEG_DIR", str(home))
+    for n, expect_cache in ((1, True), (2, False)):
+        out = tmp_path / f"out{n}"
+        monkeypatch.setenv("OUT", str(out))
+        assert leg.main(["poll", "5"]) == 0
+        names = sorted(p.name for p in out.iterdir())
+        expected = {"model.safetensors.000", "model.safetensors.001", "pieces.json", "log.jsonl", "train_tail.txt"}
+        assert set(names) == expected | ({leg.CACHE_NAME} if expect_cache else set())
+    import gzip
+    assert gzip.decompress((tmp_path / "out1" / leg.CACHE_NAME).read_bytes()) == b"kernels" * 1000
+    (home / "exit_code").write_text("1\n")  # a failed run: the poll still returns its files, and fails
+    monkeypatch.setenv("OUT", str(tmp_path / "out3"))
+    assert leg.main(["poll", "5"]) == 1 and (tmp_path / "out3" / "pieces.json").is_file()

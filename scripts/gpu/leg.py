@@ -321,22 +321,25 @@ def cmd_keep(args: argparse.Namespace) -> int:
     for name in ("log.jsonl", "train_tail.txt"):
         if (dest / name).is_file():
             shutil.copyfile(dest / name, into / name)
+    sys.path.insert(0, str(ROOT))
+    from music2latent2.fileio import atomic_write
+
+    def copy_atomically(src_file: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: shutil.copyfile(src_file, tmp))
+
     cache = dest / CACHE_NAME
     if cache.is_file():
         target = ROOT / env("LEG_CARRY_DIR", ".carry") / CACHE_NAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache, target.with_suffix(".tmp"))
-        os.replace(target.with_suffix(".tmp"), target)
+        copy_atomically(cache, target)
         print(f"compile cache ({cache.stat().st_size / MIB:.1f} MiB) -> {target}")
     if (dest / "pieces.json").is_file():
-        sys.path.insert(0, str(ROOT))
         from music2latent2.checkpoint import sha256_file
         from music2latent2.training.snapshot import join_snapshot
 
         step = json.loads((dest / "pieces.json").read_text())["step"]
         path = join_snapshot(dest, into / f"step-{step:08d}.safetensors")  # verifies every sha256
-        shutil.copyfile(path, into / "latest.tmp")
-        os.replace(into / "latest.tmp", into / "latest.safetensors")
+        copy_atomically(path, into / "latest.safetensors")
         print(f"kept step {step}: {path} (sha256 {sha256_file(path)[:16]}...) = {into / 'latest.safetensors'}")
     else:
         print(f"kept {dest} (no snapshot in it)")
