@@ -115,13 +115,15 @@ def _window_cross(prev: List[torch.Tensor], cur: List[torch.Tensor]) -> List[tor
 
 
 def _evaluate(model: Music2Latent2, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor],
-              max_batch_size: Optional[int], pad: bool = False) -> torch.Tensor:
+              max_batch_size: Optional[int], pad: bool = False, last_only: bool = False) -> torch.Tensor:
+    """(S, W, C, F, T) windows -> their estimates; (S, 1, C, F, T) of the last chunk with ``last_only``."""
     w = x.shape[1]
     # Regroup cross from (S*W, ...) to (S, W, ...) so map_batches slices whole windows.
     cross_w = [c.unflatten(0, (-1, w)) for c in cross]
 
     def run(xb: torch.Tensor, sb: torch.Tensor, *cb: torch.Tensor) -> torch.Tensor:
-        return model.denoise(xb, sb, [c.flatten(0, 1) for c in cb])
+        flat = [c.flatten(0, 1) for c in cb]
+        return model.denoise(xb, sb, flat, last_only=True) if last_only and w > 1 else model.denoise(xb, sb, flat)
 
     return map_batches(run, max_batch_size, x, sigma, *cross_w, pad=pad)
 
@@ -183,18 +185,23 @@ class AutoregressiveSampler:
     def _noise(self) -> torch.Tensor:
         return noise(self.shape, self.device, self.generator)
 
-    def _run(self, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor]) -> torch.Tensor:
-        return _evaluate(self.model, x, sigma, cross, self.max_batch_size, self.pad)
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor],
+             last_only: bool = False) -> torch.Tensor:
+        return _evaluate(self.model, x, sigma, cross, self.max_batch_size, self.pad, last_only)
 
-    def step(self, latents: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def step(self, latents: torch.Tensor, refine: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Decode the next chunk.
 
         Args:
             latents: (S, K, d_lat) unscaled latents of chunk t.
+            refine: compute chunk t-1's refinement. Without it (a caller that never emits it,
+                such as low-latency streaming) the window's context chunk is not de-patchified:
+                chunk t's estimate is the same (to float rounding) for a quarter less work.
+                Steps before the last never need it, so they skip it either way.
 
         Returns:
-            (chunk t-1 refined, now final (None for t = 0); chunk t's estimate (S, C, F,
-            chunk_frames), final only if no chunk follows).
+            (chunk t-1 refined, now final (None for t = 0 or without ``refine``); chunk t's
+            estimate (S, C, F, chunk_frames), final only if no chunk follows).
         """
         cross = map_batches(self.model.decoder_features, self.max_batch_size, latents, pad=self.pad)
         x = self.model.config.sigma_max * self._noise()
@@ -210,8 +217,13 @@ class AutoregressiveSampler:
                 if step > 0:
                     x = cur + level * self._noise()
                 past = self._prev + self.sigma_cond * self._noise()
-                out = self._run(torch.stack([past, x], dim=1), self._pairs[step], window_cross)
-                refined, cur = out[:, 0], out[:, 1]
+                # Only the last step's refinement of chunk t-1 is ever returned.
+                keep_refined = refine and step == len(self.levels) - 1
+                out = self._run(torch.stack([past, x], dim=1), self._pairs[step], window_cross,
+                                last_only=not keep_refined)
+                cur = out[:, -1]
+                if keep_refined:
+                    refined = out[:, 0]
         self._prev, self._prev_cross = cur, cross
         self.chunks += 1
         return refined, cur
@@ -336,8 +348,8 @@ def iter_parallel(model: Music2Latent2, latents: torch.Tensor, sigma_cond: float
                     x = cur + x  # re-noise the current estimate to the next lower level
                 past = past_est + torch.stack([c[step] for c in cond], dim=1)
                 out = _evaluate(model, torch.stack([flat(past), flat(x)], dim=1), pairs[step][:s_count * n2],
-                                window_cross, max_batch_size, pad)
-                cur = out[:, 1].unflatten(0, (s_count, n2))
+                                window_cross, max_batch_size, pad, last_only=True)  # the context is never kept
+                cur = out[:, -1].unflatten(0, (s_count, n2))
             finals.extend(cur.unbind(1))  # type: ignore[union-attr]
         if est is not None:
             carry = (est[:, -1], [c[:, n1 - 1] for c in cross])

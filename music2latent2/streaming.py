@@ -176,8 +176,10 @@ class StreamingDecoder:
             :meth:`EncoderDecoder.decode`. With ``seed``, :meth:`reset` re-seeds, so a reset
             stream decodes the same again; a ``generator`` is used as it stands.
         low_latency: emit each chunk as soon as it is decoded, without the refinement the next
-            chunk's window would give it (see the module docstring for what this saves; the
-            sampler runs the same, so only the emitted audio differs).
+            chunk's window would give it (see the module docstring for what this saves in
+            latency). The sampler draws the same noise and conditions on the same estimates, so
+            only the emitted audio differs, and it skips the refinement's de-patchifier: a quarter
+            less work per chunk.
         gain: the audio is divided by this: the :class:`StreamingEncoder`'s gain, or what
             ``encode(..., return_gain=True)`` returned for the latents.
 
@@ -246,7 +248,7 @@ class StreamingDecoder:
         finished: List[torch.Tensor] = []
         for t in range(chunks):
             with codec._autocast():
-                refined, cur = self._sampler.step(seq[:, t])
+                refined, cur = self._sampler.step(seq[:, t], refine=not self.low_latency)
             done = cur if self.low_latency else refined
             if done is not None:
                 finished.append(self._overlap_add(done))

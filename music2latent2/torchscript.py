@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .fileio import atomic_write
-from .model import Music2Latent2
+from .model import Music2Latent2, optimize_for_cpu
 from .sampling import DEFAULT_SIGMA_COND, check_sigma_cond
 
 __all__ = ["NNTildeCodec", "ChunkEncoder", "export_torchscript", "FLOAT_ATTRIBUTE"]
@@ -83,6 +83,18 @@ class _ChunkSynth(nn.Module):
         return self.spectral.overlap_add_frames(self.spectral.frames(spec))
 
 
+class _LastChunkDenoiser(nn.Module):
+    """The consistency network returning only a window's last chunk (``last_only``), as a module
+    whose forward tracing can record: low-latency decoding never emits the context's refinement."""
+
+    def __init__(self, consistency: nn.Module) -> None:
+        super().__init__()
+        self.consistency = consistency
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cross: List[torch.Tensor]) -> torch.Tensor:
+        return self.consistency(x, sigma, cross, last_only=True)
+
+
 class NNTildeCodec(nn.Module):
     """The scriptable streaming shell around traced networks; build it with :func:`export_torchscript`.
 
@@ -99,6 +111,7 @@ class NNTildeCodec(nn.Module):
         super().__init__()
         cfg, g = model.config, model.geometry
         model = copy.deepcopy(model).float().eval()  # traced in float32 eval mode; the caller's module is left alone
+        optimize_for_cpu(model)  # the same function, faster on CPUs (docs/streaming.md); valid on CUDA, unmeasured there
         device = model.device
         self.ac, self.k, self.d = cfg.audio_channels, cfg.summary_tokens, cfg.latent_dim
         self.cs, self.ratio = g.chunk_samples, g.chunk_samples // cfg.summary_tokens
@@ -124,8 +137,8 @@ class NNTildeCodec(nn.Module):
             self.denoise_one = torch.jit.trace(model.consistency, (spec[:, None], sigma, cross), check_trace=False)
             pair = [torch.cat([c, c]) for c in cross]
             sigmas = torch.tensor([[sigma_cond, cfg.sigma_max]], device=device)
-            self.denoise_two = torch.jit.trace(model.consistency, (torch.cat([spec, spec])[None], sigmas, pair),
-                                               check_trace=False)
+            two = _LastChunkDenoiser(model.consistency) if low_latency else model.consistency
+            self.denoise_two = torch.jit.trace(two, (torch.cat([spec, spec])[None], sigmas, pair), check_trace=False)
             self.synth = torch.jit.trace(_ChunkSynth(model), (spec,), check_trace=False)
             env = model.spectral.window_envelope(2 * g.chunk_frames, device).clamp_min(1e-3)
         self.register_buffer("env_first", env[:self.cs].clone())
@@ -260,8 +273,8 @@ class NNTildeCodec(nn.Module):
             window_cross = [torch.stack([p, c], dim=1).flatten(0, 1) for p, c in zip(self.prev_cross, cross)]
             past = self.prev + self.sigma_cond * torch.randn(shape, device=latents.device)
             sigmas = torch.tensor([[self.sigma_cond, self.sigma_max]], device=latents.device).expand(b, 2)
-            out = self.denoise_two(torch.stack([past, x], dim=1), sigmas, window_cross)
-            cur = out[:, 1]
+            out = self.denoise_two(torch.stack([past, x], dim=1), sigmas, window_cross)  # (B, 2 or 1, C, F, T)
+            cur = out[:, -1]
             if not self.low_latency:
                 self._overlap_add(out[:, 0])
         if self.low_latency:

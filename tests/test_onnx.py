@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from music2latent2 import EncoderDecoder, Music2Latent2
 from music2latent2.cli import main
+from music2latent2.model import optimize_for_cpu
 from music2latent2.onnx_export import export_onnx_encoder
 
 ort = pytest.importorskip("onnxruntime")  # installed with the dev extra, so CI runs these
@@ -21,7 +23,12 @@ def onnx_file(tmp_path_factory: pytest.TempPathFactory, tiny_model: Music2Latent
     return export_onnx_encoder(tiny_model, tmp_path_factory.mktemp("onnx") / "encoder.onnx")
 
 
-def test_onnx_encoder_equals_encode(onnx_file: Path, tiny_model: Music2Latent2, tiny_encdec: EncoderDecoder) -> None:
+def test_onnx_encoder_equals_encode(onnx_file: Path, tiny_model: Music2Latent2) -> None:
+    # The reference is the network in its default layout: the CPU layout EncoderDecoder picks
+    # rounds differently again (tests/test_cpu_decode.py), and this random tiny model amplifies
+    # rounding differences, so both differences at once would not show what the export does.
+    tiny_encdec = EncoderDecoder(optimize_for_cpu(copy.deepcopy(tiny_model), enabled=False), device="cpu",
+                                 optimize_cpu=False)
     session = ort.InferenceSession(str(onnx_file))
     assert [i.name for i in session.get_inputs()] == ["audio"]
     assert [o.name for o in session.get_outputs()] == ["latents", "features"]
