@@ -1,7 +1,8 @@
 """Ways to run the decoder on a CPU that benchmarks/streaming.py measures beside the default path.
 
 - :func:`before_cpu_speedups`: the decoding path before the exact CPU speed-ups (upsampling as a
-  pixel shuffle, every window de-patchified whole), rebuilt here so that one run can time both.
+  pixel shuffle, NCHW layout, every window de-patchified whole), rebuilt here so that one run can
+  time both.
 - :func:`bfloat16_codec`: the library's own ``precision="bfloat16"`` (CPU autocast).
 - :func:`compiled_codec`: ``torch.compile`` (inductor, weights frozen into the graph).
 - :func:`onnxruntime_codec`: the decoder's two networks exported to ONNX and run by ONNX Runtime
@@ -27,7 +28,6 @@ import music2latent2.inference as inference_module
 import music2latent2.torchscript as torchscript_module
 from music2latent2 import EncoderDecoder
 from music2latent2.model import ConsistencyModel, Music2Latent2
-from music2latent2.modules import set_upsample_mode
 
 __all__ = ["before_cpu_speedups", "bfloat16_codec", "compiled_codec", "onnxruntime_codec"]
 
@@ -35,8 +35,9 @@ __all__ = ["before_cpu_speedups", "bfloat16_codec", "compiled_codec", "onnxrunti
 @contextlib.contextmanager
 def before_cpu_speedups() -> Iterator[None]:
     """Inside the block, codecs and nn~ exports built are the ones before the CPU speed-ups: the
-    upsampling stays a pixel shuffle and ``last_only`` evaluates the whole window, then keeps its
-    last chunk (what the sampler computed before it could skip the context's de-patchifier)."""
+    model keeps its default layout (pixel-shuffle upsampling, NCHW) and ``last_only`` evaluates
+    the whole window, then keeps its last chunk (what the sampler computed before it could skip
+    the context's de-patchifier)."""
     forward = ConsistencyModel.forward
 
     def whole_window(self: ConsistencyModel, x_noisy: torch.Tensor, sigma: torch.Tensor,
@@ -44,12 +45,12 @@ def before_cpu_speedups() -> Iterator[None]:
         out = forward(self, x_noisy, sigma, cross)
         return out[:, -1:] if last_only else out
 
-    def keep_pixel_shuffle(module: torch.nn.Module, mode: str) -> None:
-        set_upsample_mode(module, "pixel_shuffle")
+    def default_layout(model: Music2Latent2, enabled: bool = True) -> Music2Latent2:
+        return model  # pixel-shuffle upsampling, NCHW weights and activations
 
     patches = [(ConsistencyModel, "forward", whole_window),
-               (inference_module, "set_upsample_mode", keep_pixel_shuffle),
-               (torchscript_module, "set_upsample_mode", keep_pixel_shuffle)]
+               (inference_module, "optimize_for_cpu", default_layout),
+               (torchscript_module, "optimize_for_cpu", default_layout)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, value in patches:
