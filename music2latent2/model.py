@@ -240,4 +240,8 @@ def optimize_for_cpu(model: Music2Latent2, enabled: bool = True) -> Music2Latent
     """
     set_upsample_mode(model, "transposed" if enabled else "pixel_shuffle")
     set_channels_last(model, enabled)
-    return model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+    layout = torch.channels_last if enabled else torch.contiguous_format
+    for param in model.parameters():
+        if param.dim() == 4:  # conv weights; the state dict is saved contiguous (checkpoint.py)
+            param.data = param.data.contiguous(memory_format=layout)
+    return model

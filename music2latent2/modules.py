@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = [
     "group_count", "GroupNorm", "UPSAMPLE_MODES", "ResBlock", "Downsample", "Upsample", "FreqGain", "SigmaFreqGain",
-    "set_upsample_mode", "SelfAttention", "TransformerBlock", "NoiseEmbedding", "chunked_causal_mask",
+    "set_upsample_mode", "SelfAttention", "TransformerBlock", "NoiseEmbedding", "chunked_causal_mask", "may_overwrite",
 ]
 
 
@@ -48,6 +48,17 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale) + shift
 
 
+def may_overwrite(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether an op of ``x`` with ``others`` may overwrite ``x``, a fresh temporary: only without
+    autograd (the out-of-place op's inputs may be saved for backward) and only where the result
+    has ``x``'s dtype anyway, so the in-place op computes exactly the same values.
+
+    Why bother: on a CPU, every fresh full-resolution activation (16 MiB for two chunks of
+    ``small``) is new memory the kernel must fault in page by page; writing into the temporary
+    instead halves a full-resolution ResBlock's time (docs/streaming.md), bit for bit."""
+    return not torch.is_grad_enabled() and all(torch.promote_types(x.dtype, o.dtype) == x.dtype for o in others)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> 3x3 conv -> GroupNorm -> SiLU -> zero-init 3x3 conv, plus residual.
 
@@ -74,15 +85,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, C_in, F, T), cond (B, cond_dim) -> (B, C_out, F, T)."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm1(x)  # every h below is a fresh temporary, so inference may overwrite it
+        h = self.conv1(F.silu(h, inplace=may_overwrite(h)))
         h = self.norm2(h)
         if self.ada is not None:
             if cond is None:
                 raise ValueError("this block is noise-conditioned: pass cond")
             scale, shift = self.ada(cond)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
-            h = _modulate(h, shift, scale)
-        h = self.conv2(F.silu(h))
-        return self.skip(x) + h
+            h = h.mul_(1 + scale).add_(shift) if may_overwrite(h, scale, shift) else _modulate(h, shift, scale)
+        h = self.conv2(F.silu(h, inplace=may_overwrite(h)))
+        skip = self.skip(x)
+        return h.add_(skip) if may_overwrite(h, skip) else skip + h
 
 
 def _axis_kernel(stride: int) -> Tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import Downsample, FreqGain, GroupNorm, ResBlock, SigmaFreqGain, Upsample, group_count
+from .modules import Downsample, FreqGain, GroupNorm, ResBlock, SigmaFreqGain, Upsample, group_count, may_overwrite
 
 __all__ = ["Patchifier", "DePatchifier", "set_channels_last"]
 
@@ -68,8 +68,8 @@ class Patchifier(nn.Module):
         h = self.gain(h, cond) if self.conditioned else self.gain(h)
         skips: List[torch.Tensor] = []
         for level, blocks in enumerate(self.levels):
-            if cross is not None:
-                h = h + cross[level]
+            if cross is not None:  # h is a fresh temporary here (the gain's or a downsampling's output)
+                h = h.add_(cross[level]) if may_overwrite(h, cross[level]) else h + cross[level]
             for block in cast(nn.ModuleList, blocks):
                 h = block(h, cond)
             skips.append(h)
@@ -121,8 +121,9 @@ class DePatchifier(nn.Module):
             skips = [s.contiguous(memory_format=torch.channels_last) for s in skips] if skips is not None else None
         feats: List[Optional[torch.Tensor]] = [None] * len(self.levels)
         for level in range(len(self.levels) - 1, -1, -1):
-            if skips is not None:
-                h = h + skips[level]
+            if skips is not None:  # below the top, h is a fresh temporary (an upsampling's output)
+                fresh = level < len(self.levels) - 1
+                h = h.add_(skips[level]) if fresh and may_overwrite(h, skips[level]) else h + skips[level]
             for block in cast(nn.ModuleList, self.levels[level]):
                 h = block(h, cond)
             feats[level] = h

@@ -111,7 +111,7 @@ class NNTildeCodec(nn.Module):
         super().__init__()
         cfg, g = model.config, model.geometry
         model = copy.deepcopy(model).float().eval()  # traced in float32 eval mode; the caller's module is left alone
-        optimize_for_cpu(model)  # the same function, faster on CPUs (docs/streaming.md); valid on CUDA, unmeasured there
+        optimize_for_cpu(model)  # the same function, faster on CPUs (docs/streaming.md); unmeasured on CUDA
         device = model.device
         self.ac, self.k, self.d = cfg.audio_channels, cfg.summary_tokens, cfg.latent_dim
         self.cs, self.ratio = g.chunk_samples, g.chunk_samples // cfg.summary_tokens

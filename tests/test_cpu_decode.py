@@ -10,11 +10,11 @@ from typing import Iterator, List
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from music2latent2.inference import EncoderDecoder
 from music2latent2.model import Music2Latent2, optimize_for_cpu
-from music2latent2.modules import Upsample
+from music2latent2.modules import ResBlock, Upsample
 from music2latent2.patchify import DePatchifier, Patchifier
 from music2latent2.sampling import AutoregressiveSampler
 from music2latent2.streaming import StreamingDecoder
@@ -132,3 +132,21 @@ def test_bfloat16_on_a_cpu_without_native_support_warns(model: Music2Latent2, mo
         warnings.simplefilter("error")
         EncoderDecoder(model, device="cpu", precision="bfloat16")
         EncoderDecoder(model, device="cpu")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_inference_overwrites_temporaries_only_and_bit_for_bit(autocast: bool) -> None:
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, norm_groups=4, cond_dim=16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    x, cond = torch.randn(2, 8, 16, 8), torch.randn(2, 16)
+    before = x.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        trained = block(x, cond)  # autograd on: the out-of-place ops, as in training
+        with torch.inference_mode():
+            inferred = block(x, cond)
+    assert torch.equal(x, before)  # the block's input is never written to
+    assert inferred.dtype == trained.dtype and torch.equal(inferred, trained.detach())
+    trained.sum().backward()  # and training still has its gradients
+    assert block.conv1.weight.grad is not None and torch.isfinite(block.conv1.weight.grad).all()
