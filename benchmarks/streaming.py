@@ -225,6 +225,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (one --threads value; implies --torchscript)")
     args = p.parse_args()
+    if args.chunks < 4:
+        p.error("--chunks must be at least 4: the first chunks are warm-up or fill the nn~ FIFOs")
     if args.json and len(args.threads) != 1:
         p.error("--json measures one thread count: give --threads N")
 
