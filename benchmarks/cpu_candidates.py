@@ -78,7 +78,8 @@ def compiled_codec(model: Optional[str]) -> EncoderDecoder:
 
 class _OnnxNetworks:
     """Stands in for :class:`Music2Latent2` where the sampler calls it: ``decoder_features`` and
-    ``denoise`` run ONNX Runtime sessions (batch 1: one stream); the rest is the torch model's."""
+    ``denoise`` run ONNX Runtime sessions (graphs of batch 1, run once per sequence); the rest is
+    the torch model's."""
 
     def __init__(self, model: Music2Latent2, threads: int) -> None:
         import onnxruntime as ort
@@ -118,14 +119,15 @@ class _OnnxNetworks:
         return [torch.from_numpy(o) for o in outs]
 
     def decoder_features(self, latents: torch.Tensor) -> List[torch.Tensor]:
-        return self._run(self.decoder, latents)
+        rows = [self._run(self.decoder, latents[i:i + 1]) for i in range(latents.shape[0])]  # graphs of batch 1
+        return [torch.cat(level) for level in zip(*rows)]
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cross: Sequence[torch.Tensor],
                 last_only: bool = False) -> torch.Tensor:
-        if x.shape[0] != 1:
-            raise ValueError("the ONNX candidate decodes one stream (batch 1)")
-        session = self.one if x.shape[1] == 1 else (self.last if last_only else self.two)
-        return self._run(session, x, sigma, *cross)[0]
+        w = x.shape[1]
+        session = self.one if w == 1 else (self.last if last_only else self.two)
+        return torch.cat([self._run(session, x[i:i + 1], sigma[i:i + 1], *[c[i * w:(i + 1) * w] for c in cross])[0]
+                          for i in range(x.shape[0])])  # one window at a time: graphs of batch 1
 
 
 class _Decoder(torch.nn.Module):
@@ -147,7 +149,7 @@ class _Denoise(torch.nn.Module):
 
 
 def onnxruntime_codec(model: Optional[str], threads: int) -> EncoderDecoder:
-    """A float32 codec whose decoder networks run in ONNX Runtime (one stream at a time)."""
+    """A float32 codec whose decoder networks run in ONNX Runtime."""
     codec = EncoderDecoder(model, device="cpu")
     codec.model = _OnnxNetworks(codec.model, threads)  # type: ignore[assignment]
     return codec

@@ -131,7 +131,7 @@ class ConsistencyModel(nn.Module):
             cross: decoder features per level, each (B * W, C_l, F_l, T_l), chunk-major in W.
             last_only: return only the window's last chunk. Under chunked causal attention the
                 last chunk's estimate never depends on the others' de-patchifier, so theirs is
-                skipped: a quarter of a two-chunk window's work, wasted wherever only the newest
+                skipped: about a quarter of a two-chunk window's work, wasted wherever only the newest
                 chunk is kept (low-latency streaming, all but the last denoising step, parallel
                 decoding's second pass). Equal to ``forward(...)[:, -1:]`` up to float rounding.
 
