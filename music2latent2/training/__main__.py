@@ -179,7 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not cfg.eval_data:
             return
         files = find_audio_files(cfg.eval_data)[: cfg.eval_files]
-        encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8)
+        # optimize_cpu=False: the EMA keeps the layout the trainer updates it in, step after step.
+        encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8, optimize_cpu=False)
         report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
         t.ema.requires_grad_(False)
         mean, health = report["mean"], report["latent_health"]
