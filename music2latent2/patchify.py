@@ -141,7 +141,7 @@ def set_channels_last(module: nn.Module, enabled: bool = True) -> None:
     """Run every (de-)patchifier inside ``module`` on channels-last activations, or back on NCHW.
 
     Why: oneDNN's CPU convolutions are up to 2.5x faster on channels-last tensors when a layer
-    has few channels (the 32-channel full-resolution layers that dominate the decoder), and a
+    has few channels (measured on the 32-channel full-resolution layers of ``small``), and a
     stream that is channels-last from its first conv stays so through every norm, activation
     and skip, so nothing is converted in between. The inputs (spectrogram, cross features,
     skips, token grid) are converted on entry; the weights and the state dict are untouched, and

@@ -140,13 +140,23 @@ def test_inference_overwrites_temporaries_only_and_bit_for_bit(autocast: bool) -
     block = ResBlock(8, 8, norm_groups=4, cond_dim=16)
     for p in block.parameters():
         torch.nn.init.normal_(p, 0.0, 0.2)
-    x, cond = torch.randn(2, 8, 16, 8), torch.randn(2, 16)
+    # Under autocast the stream between blocks is bfloat16 (conv outputs), as in the network.
+    x, cond = torch.randn(2, 8, 16, 8, dtype=torch.bfloat16 if autocast else torch.float32), torch.randn(2, 16)
     before = x.clone()
+    conv2_out: List[int] = []
+    block.conv2.register_forward_hook(lambda mod, args, out: conv2_out.append(out.data_ptr()))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         trained = block(x, cond)  # autograd on: the out-of-place ops, as in training
         with torch.inference_mode():
             inferred = block(x, cond)
+    # Inference returns the residual sum in conv2's own output buffer; training a new tensor.
+    assert trained.data_ptr() != conv2_out[0] and inferred.data_ptr() == conv2_out[1]
     assert torch.equal(x, before)  # the block's input is never written to
     assert inferred.dtype == trained.dtype and torch.equal(inferred, trained.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        # A float32 input under autocast: the sum would be float32, so it must not reuse the
+        # bfloat16 conv output; the dtype guard keeps the out-of-place add.
+        promoted = block(x.float(), cond)
+    assert promoted.dtype == torch.float32 and promoted.data_ptr() != conv2_out[-1]
     trained.sum().backward()  # and training still has its gradients
     assert block.conv1.weight.grad is not None and torch.isfinite(block.conv1.weight.grad).all()
