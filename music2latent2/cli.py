@@ -10,7 +10,9 @@
 IN may be files or directories (searched recursively); a directory's tree is mirrored under OUT.
 Every output is written atomically, finished outputs are skipped on re-runs (unless
 ``--overwrite``), and a bad input is reported and skipped; the exit status is 1 when any input
-failed. ``--shard I/N`` splits the work deterministically across N processes/machines.
+failed. ``--shard I/N`` splits the work deterministically across N processes/machines; under
+``torchrun --nproc_per_node N -m music2latent2 ...`` each rank takes shard RANK/WORLD_SIZE by
+itself (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio, resample
 from .devices import resolve_device
+from .distributed import LaunchEnv, launch_env
 from .fileio import atomic_write, check_output_dir, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
 from .sampling import (
@@ -42,6 +45,8 @@ from .sampling import (
 )
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
+
+_PROGRESS_EVERY_S = 30.0  # a rank's progress line in a log, under torchrun
 
 COMMANDS = {  # command -> (input extensions, output suffix or None for --format)
     "encode": (AUDIO_EXTENSIONS, ".m2l"),
@@ -483,41 +488,93 @@ def _preflight(args: argparse.Namespace, jobs: Sequence[Job]) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """One process's share of the work: all of it, its ``--shard``, or under torchrun its rank's."""
+    try:
+        env = launch_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not env.distributed:
+        index, num = args.shard
+        return _run_shard(args, index, num, env)[0]
+    if args.shard != (0, 1):
+        print(f"{env.tag()}error: --shard and torchrun's ranks would both split the inputs; under torchrun leave "
+              "--shard out (each rank takes shard RANK/WORLD_SIZE)", file=sys.stderr)
+        return 2
+    if args.device in (None, "cuda") and torch.cuda.is_available():
+        args.device = f"cuda:{env.local_rank}"  # one GPU per rank
+    return _all_ranks(env, *_run_shard(args, env.rank, env.world_size, env))
+
+
+def _all_ranks(env: LaunchEnv, status: int, counts: List[int]) -> int:
+    """Wait for every rank, sum their counts, and give every rank the worst exit status: a rank
+    that finishes early (or with a failed file) must not make torchrun stop the others mid-file."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        if not dist.is_initialized():
+            # gloo over TCP, whatever the device: four numbers per rank, once. A week's timeout:
+            # shards of a large collection can end hours apart.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        totals = torch.tensor(counts + [status], dtype=torch.int64)
+        dist.all_reduce(totals[:3])
+        dist.all_reduce(totals[3:], op=dist.ReduceOp.MAX)
+        dist.destroy_process_group()
+    except RuntimeError as err:
+        print(f"{env.tag()}warning: could not gather the other ranks' results ({err}); this rank's exit status "
+              "covers its own files only", file=sys.stderr)
+        return status
+    done, skipped, failed, worst = (int(v) for v in totals.tolist())
+    if env.is_main:
+        print(f"all {env.world_size} ranks: {done} done, {skipped} skipped (already done), {failed} failed"
+              + ("; re-run the same command to retry or resume" if worst else ""), file=sys.stderr)
+    return worst
+
+
+def _run_shard(args: argparse.Namespace, index: int, num: int, env: LaunchEnv) -> Tuple[int, List[int]]:
+    """Process shard ``index`` of ``num``. Returns (exit status, [done, skipped, failed])."""
+    tag = env.tag()
     if COMMANDS[args.command][1] is None:
         args.format = _output_format(args)
     suffix = COMMANDS[args.command][1] or f".{args.format}"
     try:
         jobs = collect_jobs(args.inputs, args.output, args.command, suffix)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    index, num = args.shard
+        print(f"{tag}error: {err}", file=sys.stderr)
+        return 2, [0, 0, 0]
     total = len(jobs)
     jobs = [j for j in jobs if shard_of(j.key, num) == index]
     todo = jobs if args.overwrite else [j for j in jobs if not j.dst.exists()]
     skipped = len(jobs) - len(todo)
     if not todo:  # a finished run: nothing to load, hash or download
-        print(f"{args.command}: nothing to do, {skipped} output(s) already exist "
+        print(f"{tag}{args.command}: nothing to do, {skipped} output(s) already exist "
               "(--overwrite to redo them)", file=sys.stderr)
-        return 0
+        return 0, [0, skipped, 0]
     problem = _preflight(args, todo)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        print(f"{tag}error: {problem}", file=sys.stderr)
+        return 2, [0, skipped, 0]
     try:
         runner = Runner(args)
     except Exception as err:  # noqa: BLE001 - a corrupt file, a missing download...: reported, exit 2
         what = f"model {args.model!r}" if args.model is not None else "the default model"
-        print(f"error: cannot load {what}: {type(err).__name__}: {err}\n"
+        print(f"{tag}error: cannot load {what}: {type(err).__name__}: {err}\n"
               f"(choose a model with --model NAME_OR_PATH: a checkpoint file or folder, a name from the weights "
               f"manifest, or a Hugging Face repo id org/name with --revision)", file=sys.stderr)
-        return 2
+        return 2, [0, skipped, 0]
 
     from tqdm.auto import tqdm
 
     failures: List[Tuple[Path, str]] = []
     seconds, start = 0.0, time.perf_counter()
-    bar = tqdm(total=len(todo), unit="file", desc=args.command, disable=args.quiet or None, dynamic_ncols=True)
+    # Under torchrun each rank has its own bar, one line each on a terminal; in a log (no
+    # terminal) a plain line every _PROGRESS_EVERY_S instead.
+    bar = tqdm(total=len(todo), unit="file", desc=f"{tag}{args.command}", disable=args.quiet or None,
+               dynamic_ncols=True, position=env.local_rank if env.distributed else None)
+    log_lines = env.distributed and bar.disable and not args.quiet
+    last_line = start
     interrupted, processed = False, 0
     try:
         for job, loaded in _prefetch(todo, runner.load, args.workers):
@@ -527,10 +584,14 @@ def _run(args: argparse.Namespace) -> int:
                 seconds += runner.process(job, loaded)
             except Exception as err:  # one bad file must not stop a dataset run; listed in the summary
                 failures.append((job.src, f"{type(err).__name__}: {err}"))
-                bar.write(f"failed: {job.src}: {err}", file=sys.stderr)
+                bar.write(f"{tag}failed: {job.src}: {err}", file=sys.stderr)
             processed += 1
             bar.update(1)
-            bar.set_postfix_str(f"{seconds / 3600 / max(time.perf_counter() - start, 1e-9):.3g} audio-h/s")
+            rate = f"{seconds / 3600 / max(time.perf_counter() - start, 1e-9):.3g} audio-h/s"
+            bar.set_postfix_str(rate)
+            if log_lines and time.perf_counter() - last_line >= _PROGRESS_EVERY_S:
+                print(f"{tag}{args.command}: {processed}/{len(todo)} files, {rate}", file=sys.stderr, flush=True)
+                last_line = time.perf_counter()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (see main)
         interrupted = True
     finally:
@@ -538,18 +599,19 @@ def _run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     done = processed - len(failures)
     shard = f" (shard {index}/{num} of {total} files)" if num > 1 else ""
-    print(f"{args.command}: {done} done, {skipped} skipped (already done), {len(failures)} failed{shard}; "
+    print(f"{tag}{args.command}: {done} done, {skipped} skipped (already done), {len(failures)} failed{shard}; "
           f"{seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
           f"({seconds / 3600 / max(elapsed, 1e-9):.3g} audio-h/s)", file=sys.stderr)
     if failures:
-        print(f"{len(failures)} file(s) failed:", file=sys.stderr)
+        print(f"{tag}{len(failures)} file(s) failed:", file=sys.stderr)
         for src, msg in failures:
             print(f"  {src}: {msg}", file=sys.stderr)
+    counts = [done, skipped, len(failures)]
     if interrupted:
-        print(f"interrupted after {processed} of {len(todo)} files; finished outputs are complete, "
+        print(f"{tag}interrupted after {processed} of {len(todo)} files; finished outputs are complete, "
               "run the same command again to resume", file=sys.stderr)
-        return 130
-    return 1 if failures else 0
+        return 130, counts
+    return (1 if failures else 0), counts
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

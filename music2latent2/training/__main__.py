@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -28,7 +29,8 @@ from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
 from ..model import Music2Latent2
 from .bench import add_bench_arguments, cmd_bench
-from .data import CropDataset, build_sources, crop_samples, describe_sources, make_loader, worker_seed
+from .data import CropDataset, StepBatches, build_sources, crop_samples, describe_sources, make_step_loader
+from .distributed import LostRank, Ranks, StopSignals, start_ranks
 from .export import export_checkpoint, measure_latent_scale
 from .losses import LOSS_WEIGHTINGS
 from .snapshot import join_snapshot, write_snapshot
@@ -43,15 +45,20 @@ def _float_or_none(text: str) -> float | None:
 
 
 def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, preload: bool = True) -> tuple:
+    """This rank's batches: its share of the files, its own seed, ``batch_size / world_size`` crops."""
     mc = trainer.model.config
+    ranks = trainer.ranks
     crop = crop_samples(mc.chunk_samples, mc.n_fft, mc.hop_length)
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks sharing this machine's cores
     sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0,
-                            threads=max(1, min(16, os.cpu_count() or 1)))
-    print("data: " + describe_sources(sources), flush=True)
-    dataset = CropDataset(sources, mc.audio_channels, crop, seed=worker_seed(cfg.seed, trainer.step),
-                          gain_db=(cfg.gain_db[0], cfg.gain_db[1]))
+                            threads=max(1, min(16, (os.cpu_count() or 1) // per_machine)), rank=ranks.rank,
+                            world_size=ranks.world_size)
+    ranks.print("data" + (f" (rank 0's share of {ranks.world_size})" if ranks.distributed else "") + ": "
+                + describe_sources(sources))
+    crops = CropDataset(sources, mc.audio_channels, crop, gain_db=(cfg.gain_db[0], cfg.gain_db[1]))
+    batches = StepBatches(crops, trainer.rank_batch_size, cfg.seed, start_step=trainer.step, rank=ranks.rank)
     workers = cfg.num_workers if num_workers is None else num_workers
-    return make_loader(dataset, cfg.batch_size, workers, pin_memory=trainer.device.type == "cuda"), crop
+    return make_step_loader(batches, workers, pin_memory=trainer.device.type == "cuda"), crop
 
 
 def _latent_scale(trainer: Trainer, loader) -> float:
@@ -96,9 +103,10 @@ def continuation(metadata: Dict[str, str], start_step: int | None, delta_start: 
     return start_step, delta_start, delta_end, notes
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[TrainConfig, Trainer]:
+    """The run's config and trainer: resumed from ``out``, or new (from scratch or ``--init-from``)."""
+    say = ranks.print
+    device = ranks.device
     if args.resume:
         cfg, model_config = read_state_configs(out / STATE_NAME)
         if args.steps:
@@ -106,95 +114,139 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.max_minutes:
             cfg.max_minutes = args.max_minutes
         cfg.end_file = args.end_file  # an end time belongs to one lease, not to the run: never reused
-        trainer = Trainer(cfg, device, model_config)
+        trainer = Trainer(cfg, device, model_config, ranks=ranks)
         load_state(trainer, out / STATE_NAME)
-        print(f"resumed {out} at step {trainer.step}", flush=True)
+        say(f"resumed {out} at step {trainer.step}")
+        return cfg, trainer
+    if not args.data:
+        raise SystemExit("--data is required (or --resume)")
+    if (out / STATE_NAME).exists():
+        raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
+    overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+    init = None
+    start_step = args.start_step or 0
+    delta_start = _DEFAULTS.delta_start if args.delta_start is None else args.delta_start
+    delta_end = args.delta_end
+    if args.init_from:
+        init = Music2Latent2.from_pretrained(args.init_from)  # strict; CheckpointError names what is wrong
+        if overrides:
+            raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
+        assert init.source is not None  # set by from_pretrained
+        start_step, delta_start, delta_end, notes = continuation(
+            read_metadata(init.source.path), args.start_step, args.delta_start, args.delta_end)
+        for note in notes:
+            say(f"note: {note}")
+    total_steps = args.steps or (start_step + args.more_steps if args.more_steps else 1_000_000)
+    if total_steps <= start_step:
+        raise SystemExit(f"--steps {total_steps} is not beyond the start step {start_step} "
+                         "(--steps counts from 0; --more-steps counts from the start step)")
+    cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
+                      out_dir=str(out), batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
+                      total_steps=total_steps, warmup_steps=args.warmup, ema_momentum=args.ema,
+                      delta_start=delta_start, delta_end=delta_end,
+                      sigma_log_mean=args.sigma_log_mean, sigma_log_std=args.sigma_log_std, seed=args.seed,
+                      num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
+                      eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
+                      eval_files=args.eval_files, precision=args.precision, compile=args.compile,
+                      compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
+                      optimizer=args.optimizer, channels_last=args.channels_last,
+                      start_step=start_step, max_minutes=args.max_minutes, end_file=args.end_file,
+                      calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
+                      snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
+                      latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit,
+                      sigma_sampler=args.sigma_sampler, sigma_uniform_share=args.sigma_uniform_share,
+                      loss_weighting=args.loss_weighting, context_share=args.context_share,
+                      context_sigma=args.context_sigma, summary_init_std=args.summary_init_std,
+                      gain_db=list(args.gain_db), max_consecutive_skips=args.max_consecutive_skips)
+    if init is None:
+        trainer = Trainer(cfg, device, ranks=ranks)
     else:
-        if not args.data:
-            raise SystemExit("--data is required (or --resume)")
-        if (out / STATE_NAME).exists():
-            raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
-        overrides = json.loads(args.model_overrides) if args.model_overrides else {}
-        init = None
-        start_step = args.start_step or 0
-        delta_start = _DEFAULTS.delta_start if args.delta_start is None else args.delta_start
-        delta_end = args.delta_end
-        if args.init_from:
-            init = Music2Latent2.from_pretrained(args.init_from)  # strict; CheckpointError names what is wrong
-            if overrides:
-                raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
-            assert init.source is not None  # set by from_pretrained
-            start_step, delta_start, delta_end, notes = continuation(
-                read_metadata(init.source.path), args.start_step, args.delta_start, args.delta_end)
-            for note in notes:
-                print(f"note: {note}", flush=True)
-        total_steps = args.steps or (start_step + args.more_steps if args.more_steps else 1_000_000)
-        if total_steps <= start_step:
-            raise SystemExit(f"--steps {total_steps} is not beyond the start step {start_step} "
-                             "(--steps counts from 0; --more-steps counts from the start step)")
-        cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
-                          out_dir=str(out), batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
-                          total_steps=total_steps, warmup_steps=args.warmup, ema_momentum=args.ema,
-                          delta_start=delta_start, delta_end=delta_end,
-                          sigma_log_mean=args.sigma_log_mean, sigma_log_std=args.sigma_log_std, seed=args.seed,
-                          num_workers=args.workers, cache_gb=args.cache_gb, save_every=args.save_every,
-                          eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
-                          eval_files=args.eval_files, precision=args.precision, compile=args.compile,
-                          compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
-                          optimizer=args.optimizer, channels_last=args.channels_last,
-                          start_step=start_step, max_minutes=args.max_minutes, end_file=args.end_file,
-                          calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
-                          snapshot_minutes=args.snapshot_minutes, snapshot_piece_mib=args.snapshot_piece_mib,
-                          latent_penalty=args.latent_penalty, pre_tanh_limit=args.pre_tanh_limit,
-                          sigma_sampler=args.sigma_sampler, sigma_uniform_share=args.sigma_uniform_share,
-                          loss_weighting=args.loss_weighting, context_share=args.context_share,
-                          context_sigma=args.context_sigma, summary_init_std=args.summary_init_std,
-                          gain_db=list(args.gain_db))
-        if init is not None:
-            assert init.source is not None  # set by from_pretrained
-            cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
-            trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0))
-            if trainer.init_weights_from(init):
-                print(f"note: the summary tokens and positions of {cfg.init_from} were at a small scale and are "
-                      f"re-drawn at std {cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)", flush=True)
-            print(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}",
-                  flush=True)
-        else:
-            trainer = Trainer(cfg, device)
+        assert init.source is not None  # set by from_pretrained
+        cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
+        trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0), ranks=ranks)
+        if trainer.init_weights_from(init):
+            say(f"note: the summary tokens and positions of {cfg.init_from} were at a small scale and are "
+                f"re-drawn at std {cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)")
+        say(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}")
+    if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {device}", flush=True)
-    loader, crop = _loader(cfg, trainer)
-    if args.end_by is not None:
-        # An absolute end (a device lease's): whatever loading the data took is already spent.
-        left = (args.end_by - time.time()) / 60
-        if left <= cfg.reserve_minutes:
-            raise SystemExit(f"--end-by leaves {left:.2f} min, not more than --reserve-minutes {cfg.reserve_minutes:g}")
-        cfg.max_minutes = left if cfg.max_minutes is None else min(cfg.max_minutes, left)
-        print(f"time budget: {cfg.max_minutes:.2f} min until --end-by", flush=True)
+    return cfg, trainer
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    ranks = start_ranks(args.device, args.dist_timeout_minutes)
+    say = ranks.print
+    try:
+        cfg, trainer = _build_trainer(args, out, ranks)
+    except ValueError as err:  # a batch that does not split over the ranks, a bad state file...
+        raise SystemExit(f"error: {err}") from err
+    trainer.sync_ranks()
+    say(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {ranks.device}"
+        + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
+    say(f"batch: {cfg.batch_size} per step (global) = {trainer.rank_batch_size} per rank x {ranks.world_size} "
+        f"rank(s); learning rate {cfg.lr:g} for that global batch")
+    stops = StopSignals(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit
+    try:
+        loader, crop = _loader(cfg, trainer)
+        if args.end_by is not None:
+            # An absolute end (a device lease's): whatever loading the data took is already spent.
+            left = (args.end_by - time.time()) / 60
+            if left <= cfg.reserve_minutes:
+                raise SystemExit(f"--end-by leaves {left:.2f} min, not more than --reserve-minutes "
+                                 f"{cfg.reserve_minutes:g}")
+            cfg.max_minutes = left if cfg.max_minutes is None else min(cfg.max_minutes, left)
+            say(f"time budget: {cfg.max_minutes:.2f} min until --end-by")
+        on_save, on_eval, on_snapshot = _callbacks(cfg, out, loader, ranks)
+        reason = trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl" if ranks.is_main else None,
+                             on_snapshot=on_snapshot)
+        if reason == "diverged":
+            return 1
+        if reason != "steps":  # stopped between saves (the last step always saves): keep every step
+            save_state(trainer, out / STATE_NAME)
+        if reason == "signal":
+            say(f"stopped by {trainer.stop_signal} after step {trainer.step}: the training state is saved in "
+                f"{out / STATE_NAME}; run again with --resume to continue (bit for bit)")
+            return 0
+        if ranks.is_main:
+            if cfg.snapshot_minutes is not None:
+                on_snapshot(trainer)  # the final weights, in pieces like the others
+            path = _export(trainer, loader, out / "final", fp16=False)
+            print(f"exported EMA weights to {path}", flush=True)
+    except (LostRank, RuntimeError) as err:
+        if not ranks.distributed:
+            raise
+        state = out / STATE_NAME
+        saved = (f"the last saved state, {state}, is where --resume continues" if state.is_file()
+                 else "no training state was saved yet (--save-every)")
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: rank {ranks.rank} of {ranks.world_size} stopped at step {trainer.step}: {first_line}\n"
+              f"(when a collective fails, another rank has most likely died: its own error is in its log; {saved})",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stops.restore()
+    ranks.close()
+    return 0
+
+
+def _callbacks(cfg: TrainConfig, out: Path, loader, ranks: Ranks) -> tuple:
+    """The trainer's ``on_save``, ``on_eval`` and ``on_snapshot`` for a run in ``out``."""
 
     def on_save(t: Trainer) -> None:
-        save_state(t, out / STATE_NAME)
+        save_state(t, out / STATE_NAME)  # every rank: the ranks' noise generators are gathered
 
     def on_eval(t: Trainer) -> None:
         if not cfg.eval_data:
             return
-        files = find_audio_files(cfg.eval_data)[: cfg.eval_files]
-        # optimize_cpu=False: the EMA keeps the layout the trainer updates it in, step after step.
-        encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8, optimize_cpu=False)
-        report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
-        t.ema.requires_grad_(False)
-        mean, health = report["mean"], report["latent_health"]
-        rank, slot_cos = (float("nan") if health[k] is None else health[k] for k in ("effective_rank", "slot_cosine"))
-        band_error = float("nan") if mean["band_level_error_db"] is None else mean["band_level_error_db"]
-        print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}  "
-              f"level {mean['level_db']:+.1f} dB  band error {band_error:.1f} dB  latent rank {rank:.2f}  "
-              f"slot-cos {slot_cos:.2f}", flush=True)
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
-        if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
-            t.best_metric = mean["logmel_distance"]
-            _export(t, loader, out / "best", fp16=False)
-            print(f"new best (log-mel {t.best_metric:.4f}) -> {out / 'best'}", flush=True)
+        better = False
+        if ranks.is_main:  # the others wait for its verdict
+            better = _evaluate(t, cfg, out)
+        (_, ), (better, ) = ranks.agree([0.0], [better])
+        if better:
+            if ranks.is_main:
+                _export(t, loader, out / "best", fp16=False)
+                print(f"new best (log-mel {t.best_metric:.4f}) -> {out / 'best'}", flush=True)
             save_state(t, out / STATE_NAME)
 
     def on_snapshot(t: Trainer) -> None:
@@ -202,12 +254,29 @@ def cmd_train(args: argparse.Namespace) -> int:
                               piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20), delta=t.delta_at(t.step))
         print(f"snapshot step {t.step} -> {snap}", flush=True)
 
-    trainer.fit(loader, crop, on_save, on_eval, log_file=out / "log.jsonl", on_snapshot=on_snapshot)
-    if cfg.snapshot_minutes is not None:
-        on_snapshot(trainer)  # the final weights, in pieces like the others
-    path = _export(trainer, loader, out / "final", fp16=False)
-    print(f"exported EMA weights to {path}", flush=True)
-    return 0
+    return on_save, on_eval, on_snapshot
+
+
+def _evaluate(t: Trainer, cfg: TrainConfig, out: Path) -> bool:
+    """The EMA on the held-out files; ``eval.jsonl`` gets a line. Returns whether it is the best so far."""
+    assert cfg.eval_data is not None
+    files = find_audio_files(cfg.eval_data)[: cfg.eval_files]
+    # optimize_cpu=False: the EMA keeps the layout the trainer updates it in, step after step.
+    encdec = EncoderDecoder(t.ema, device=t.device, max_batch_size=8, optimize_cpu=False)
+    report = evaluate_files(encdec, files, cfg.eval_seconds, ViSQOL(enabled=False))
+    t.ema.requires_grad_(False)
+    mean, health = report["mean"], report["latent_health"]
+    rank, slot_cos = (float("nan") if health[k] is None else health[k] for k in ("effective_rank", "slot_cosine"))
+    band_error = float("nan") if mean["band_level_error_db"] is None else mean["band_level_error_db"]
+    print(f"eval step {t.step}: SI-SDR {mean['si_sdr']:.2f} dB  log-mel {mean['logmel_distance']:.4f}  "
+          f"level {mean['level_db']:+.1f} dB  band error {band_error:.1f} dB  latent rank {rank:.2f}  "
+          f"slot-cos {slot_cos:.2f}", flush=True)
+    with open(out / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
+    if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
+        t.best_metric = mean["logmel_distance"]
+        return True
+    return False
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -290,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=None, help="total steps (default 1M; on resume: extend)")
     t.add_argument("--more-steps", type=int, default=None,
                    help="total steps as a count from the start step (e.g. from an --init-from checkpoint's)")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=int, default=16,
+                   help="crops per step over all ranks (the global batch); each of N torchrun ranks takes 1/N")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup", type=int, default=10000)
     t.add_argument("--ema", type=float, default=0.9999, help="EMA momentum (use ~0.999 for short runs)")
@@ -344,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--latent-penalty", type=float, default=0.0,
                    help="weight of the penalty on encoder pre-tanh values beyond --pre-tanh-limit")
     t.add_argument("--pre-tanh-limit", type=float, default=2.0)
+    t.add_argument("--max-consecutive-skips", type=int, default=_DEFAULTS.max_consecutive_skips,
+                   help="stop (exit 1) after this many non-finite steps in a row: the run has diverged")
+    t.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                   help="under torchrun: how long a rank waits for the others (rank 0 evaluating or saving) "
+                        "before the run fails instead of hanging")
     recipe = t.add_argument_group("recipe (docs/recipe.md)")
     recipe.add_argument("--sigma-sampler", default=_DEFAULTS.sigma_sampler, choices=SIGMA_SAMPLERS,
                         help="lognormal: log(sigma) ~ N(mean, std) as asked; legacy_density: the first leg's draw")

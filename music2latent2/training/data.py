@@ -9,6 +9,7 @@ in memory up to a byte budget; preloading before the DataLoader forks shares it 
 from __future__ import annotations
 
 import math
+import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,9 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..audio import find_audio_files, load_audio, resample
 from ..spectral import ChunkGeometry
 
-__all__ = ["crop_samples", "parse_data_spec", "AudioSource",
-           "CropDataset", "make_loader", "build_sources", "describe_sources", "worker_seed"]
-
+__all__ = ["crop_samples", "parse_data_spec", "AudioSource", "CropDataset", "StepBatches", "make_loader",
+           "make_step_loader", "build_sources", "describe_sources", "worker_seed", "batch_seed"]
 
 
 def crop_samples(chunk_samples: int = 32768, n_fft: int = 2048, hop_length: int = 512) -> int:
@@ -76,6 +76,15 @@ class AudioSource:
                     self.lengths.append(int(info.frames * self.sample_rate / info.samplerate))
         if not self.files:
             raise ValueError(f"no readable audio files in {self.folder}")
+
+    def shard(self, rank: int, world_size: int) -> bool:
+        """Keep every ``world_size``-th file from the ``rank``-th on (one data-parallel rank's share,
+        so each rank decodes and caches only its own files). A folder with fewer files than ranks
+        is left whole (every rank draws from all of it). Returns whether it was split."""
+        if world_size <= 1 or len(self.files) < world_size:
+            return False
+        self.files, self.lengths = self.files[rank::world_size], self.lengths[rank::world_size]
+        return True
 
     @property
     def seconds(self) -> float:
@@ -205,6 +214,60 @@ class CropDataset(IterableDataset):
             yield torch.from_numpy(crop)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A scheduler's SIGTERM/SIGUSR1 (SLURM signals every process of a job step) is the training
+    # process's to handle: it finishes its step and saves. A loader worker killed by it would
+    # instead fail the main process's next batch. Workers still end with their parent.
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+class StepBatches(IterableDataset):
+    """Endless training batches, the batch of step ``s`` drawn from a generator seeded by
+    ``(seed, s, rank)`` alone.
+
+    So the data of a step depends on nothing but the step: a run resumed at step ``s`` sees the
+    batches the uninterrupted run saw, with any number of loader workers (worker ``w`` of ``W``
+    makes the batches of steps ``start_step + w``, ``+ W``, ...; the DataLoader returns them in
+    that round-robin order), and each data-parallel rank its own.
+
+    Args:
+        crops: the crop source (its ``sample`` draws one crop from a generator).
+        batch_size: crops per batch (one rank's).
+        seed: the run's seed.
+        start_step: the step of the first batch.
+        rank: this data-parallel rank.
+    """
+
+    def __init__(self, crops: CropDataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.crops, self.batch_size, self.seed, self.start_step, self.rank = crops, batch_size, seed, start_step, rank
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The ``(batch_size, audio_channels, crop)`` batch of ``step``."""
+        rng = np.random.default_rng(batch_seed(self.seed, step, self.rank))
+        return torch.from_numpy(np.stack([self.crops.sample(rng)[0] for _ in range(self.batch_size)]))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers
+
+
+def make_step_loader(batches: StepBatches, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over :class:`StepBatches` (whole batches come from the workers, in step order)."""
+    return DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+
+
 def make_loader(dataset: CropDataset, batch_size: int, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the endless crop stream (workers get their seeds from the dataset)."""
@@ -214,14 +277,17 @@ def make_loader(dataset: CropDataset, batch_size: int, num_workers: int = 0,
 
 
 def build_sources(specs: Sequence[str], sample_rate: int = 44100, preload_bytes: int = 0,
-                  threads: int = 1) -> List[AudioSource]:
-    """``["DIR[:WEIGHT]", ...]`` -> sources, optionally preloading decoded audio (``threads`` at a time)."""
+                  threads: int = 1, rank: int = 0, world_size: int = 1) -> List[AudioSource]:
+    """``["DIR[:WEIGHT]", ...]`` -> sources, optionally preloading decoded audio (``threads`` at a
+    time); with ``world_size > 1`` each source keeps rank ``rank``'s share of its files
+    (:meth:`AudioSource.shard`) before anything is decoded."""
     sources = []
     for spec in specs:
         folder, weight = parse_data_spec(spec)
         # The budget is split between sources and fixed here: workers (forked later) can then add
         # at most what is left of their source's share, never a whole budget each.
         source = AudioSource(folder, weight, sample_rate, cache_budget=preload_bytes // max(len(specs), 1))
+        source.shard(rank, world_size)
         if preload_bytes > 0:
             source.preload(threads)
         sources.append(source)
@@ -232,6 +298,11 @@ def describe_sources(sources: Sequence[AudioSource]) -> str:
     total = sum(s.weight for s in sources)
     return ", ".join(f"{s.folder} ({len(s.files)} files, {s.seconds / 3600:.2f} h, weight {s.weight / total:.2f})"
                      for s in sources)
+
+
+def batch_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the data generator of one step's batch on one rank (:class:`StepBatches`)."""
+    return int(np.random.SeedSequence([seed, step, rank, 2]).generate_state(1)[0])
 
 
 def worker_seed(base: int, step: int) -> int:

@@ -3,7 +3,8 @@
 Tensors (model, EMA, optimiser state, RNG state) are safetensors entries; everything else
 (step counters, configs, optimiser hyperparameters and scalar state) is JSON in the file's
 metadata. The file is written to a temp name and renamed, so a crash never leaves a torn state.
-Data order needs no saved state: the loader is reseeded from ``(seed, step)`` on (re)start.
+Data order needs no saved state: the batch of each step is drawn from ``(seed, step, rank)``
+(``data.StepBatches``). A data-parallel run saves every rank's noise generator into rank 0's file.
 """
 
 from __future__ import annotations
@@ -56,8 +57,15 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any])
 
 
 def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
-    """Write the full training state atomically to ``path`` (a directory or a .safetensors file)."""
+    """Write the full training state atomically to ``path`` (a directory or a .safetensors file).
+
+    In a data-parallel run every rank must call it (the ranks' noise generators are gathered);
+    rank 0 writes the file.
+    """
     p = _state_path(path)
+    generators = trainer.ranks.all_gather(trainer.generator.get_state(), "gathering the noise generators to save")
+    if not trainer.ranks.is_main:
+        return p
     p.parent.mkdir(parents=True, exist_ok=True)
     tensors: Dict[str, torch.Tensor] = {}
     for name, t in trainer.model.state_dict().items():
@@ -66,10 +74,12 @@ def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
         tensors[f"ema/{name}"] = t.detach().cpu().contiguous()
     optim_tensors, optim_meta = _flatten_optimizer(trainer.optimizer.state_dict())
     tensors.update(optim_tensors)
-    tensors["rng/generator"] = trainer.generator.get_state()
+    tensors["rng/generator"] = generators[0]
+    for rank, state in enumerate(generators[1:], start=1):
+        tensors[f"rng/generator/{rank}"] = state
     info = {"step": trainer.step, "skipped": trainer.skipped, "samples_seen": trainer.samples_seen,
-            "best_metric": trainer.best_metric, "optimizer": optim_meta,
-            "rng_device": trainer.generator.device.type}
+            "best_metric": trainer.best_metric, "optimizer": optim_meta, "optimizer_steps": trainer.optimizer_steps,
+            "rng_device": trainer.generator.device.type, "world_size": trainer.ranks.world_size}
     metadata = {"format": "pt", "music2latent2_train_state": STATE_FORMAT, "info": json.dumps(info),
                 "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json()}
     return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -101,18 +111,25 @@ def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
         module.load_state_dict(sub, strict=True)
     trainer.optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
     steps = [float(s["step"]) for s in trainer.optimizer.state.values() if "step" in s]
-    trainer.optimizer_steps = int(max(steps)) if steps else 0
+    # Skipped steps count for the rectification but not in the fused optimiser's own step.
+    trainer.optimizer_steps = int(info.get("optimizer_steps", max(steps) if steps else 0))
     trainer.step = int(info["step"])
-    if info.get("rng_device", "cpu") == trainer.generator.device.type:
-        trainer.generator.set_state(tensors["rng/generator"])
+    rank, world = trainer.ranks.rank, trainer.ranks.world_size
+    saved_world = int(info.get("world_size", 1))
+    key = "rng/generator" if rank == 0 else f"rng/generator/{rank}"
+    if info.get("rng_device", "cpu") == trainer.generator.device.type and saved_world == world:
+        trainer.generator.set_state(tensors[key])
     else:
         # A CUDA generator's state cannot be loaded into a CPU one (or back): e.g. exporting a
-        # GPU run on a CPU machine. Noise continues from a fresh seed fixed by (seed, step).
+        # GPU run on a CPU machine; nor do N ranks' generators make M. Noise continues from a
+        # fresh seed fixed by (seed, step, rank).
         cfg = trainer.config
-        trainer.generator.manual_seed(noise_seed(cfg.seed, trainer.step) if cfg.noise_seed_v2
-                                      else cfg.seed + 1 + trainer.step)
-        print(f"note: {p} holds a {info.get('rng_device')} noise generator; training noise on "
-              f"{trainer.generator.device.type} is reseeded from (seed, step)", flush=True)
+        trainer.generator.manual_seed(noise_seed(cfg.seed, trainer.step, rank) if cfg.noise_seed_v2
+                                      else cfg.seed + 1 + trainer.step + 7919 * rank)
+        why = (f"a {info.get('rng_device')} noise generator" if saved_world == world
+               else f"the noise generators of {saved_world} rank(s), not {world}")
+        trainer.ranks.print(f"note: {p} holds {why}; training noise on {trainer.generator.device.type} is reseeded "
+                            "from (seed, step)")
     trainer.skipped = int(info["skipped"])
     trainer.samples_seen = int(info["samples_seen"])
     trainer.best_metric = info["best_metric"]

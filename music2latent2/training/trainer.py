@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..distributed import LaunchEnv
 from ..fileio import atomic_write
 from ..latent_health import HEALTH_KEYS, latent_health
 from ..model import Music2Latent2
+from .distributed import Ranks
 from .losses import (
     LOSS_WEIGHTINGS,
     ConsistencyLoss,
@@ -30,7 +32,7 @@ from .losses import (
 )
 
 __all__ = ["TrainConfig", "Trainer", "noise_seed", "LEGACY_TRAIN_FIELDS", "OPTIMIZERS", "COMPILE_MODES",
-           "radam_rectification"]
+           "radam_rectification", "CONTROL_EVERY", "STOP_REASONS"]
 
 # Values a training state written before a field existed was trained with: such a state resumes
 # with these, not with today's defaults (docs/recipe.md says what changed and why).
@@ -50,6 +52,11 @@ OPTIMIZERS = ("radam_fused", "radam", "adamw")
 COMPILE_MODES = ("auto", "on", "off")
 # Step statistics summed on the device between log lines (finite steps only).
 _SUMMED = ("loss", "saturated", "pre_tanh_std", "high_sigma_share")
+# In a data-parallel run the ranks agree every this many steps on whether to stop (time budget,
+# end file, a signal): one tiny collective, and a host sync, per 10 steps rather than per step.
+CONTROL_EVERY = 10
+# Why Trainer.fit returned.
+STOP_REASONS = ("steps", "time", "signal", "diverged", "data")
 
 
 def radam_rectification(t: int, beta2: float) -> float:
@@ -74,10 +81,12 @@ def synchronize_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def noise_seed(seed: int, start_step: int) -> int:
+def noise_seed(seed: int, start_step: int, rank: int = 0) -> int:
     """Seed of the training-noise generator: a relay leg that starts at another step draws a
-    fresh noise stream instead of replaying the first leg's."""
-    return int(np.random.SeedSequence([seed, start_step, 1]).generate_state(1)[0])
+    fresh noise stream instead of replaying the first leg's, and each data-parallel rank its own
+    (rank 0's is a single process's)."""
+    entropy = [seed, start_step, 1] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 @dataclass
@@ -142,13 +151,15 @@ class TrainConfig:
     summary_init_std: float | None = 0.5  # (re-)draw the summary tokens at this std; None: keep (docs/recipe.md)
     gain_db: List[float] = field(default_factory=lambda: [-30.0, 0.0])  # crop peak level range, dBFS (docs/levels.md)
     noise_seed_v2: bool = True  # noise seeded from (seed, start_step); False: seed + 1 (first leg)
+    max_consecutive_skips: int = 100  # this many non-finite steps in a row stop the run (diverged)
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # states written when compile was a flag
             self.compile = "on" if self.compile else "off"
 
     def validate(self) -> None:
-        for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every", "calibrate_steps"):
+        for name in ("batch_size", "total_steps", "save_every", "eval_every", "log_every", "calibrate_steps",
+                     "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.start_step < self.total_steps:
@@ -209,17 +220,28 @@ class TrainConfig:
 class Trainer:
     """Owns the online model, its EMA copy, the optimiser and the noise RNG.
 
+    In a data-parallel run (``ranks``, :mod:`.distributed`) every rank holds one: ``config.batch_size``
+    is the global batch, and each rank steps on its ``batch_size / world_size`` share with its own
+    noise; the loss module runs under DistributedDataParallel, so the gradients, and with them
+    parameters, moments and EMA, stay the same on every rank.
+
     Args:
         config: training hyperparameters.
         device: where to train.
         model_config: network config; default ``config.model_config()``.
+        ranks: the run's ranks; default a world of one.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device | str = "cpu",
-                 model_config: ModelConfig | None = None) -> None:
+                 model_config: ModelConfig | None = None, ranks: Ranks | None = None) -> None:
         config.validate()
         self.config = config
         self.device = torch.device(device)
+        self.ranks = ranks or Ranks(LaunchEnv(), self.device)
+        if config.batch_size % self.ranks.world_size:
+            raise ValueError(f"--batch-size {config.batch_size} (the global batch) does not split evenly over "
+                             f"{self.ranks.world_size} ranks; use a multiple of {self.ranks.world_size}")
+        self.rank_batch_size = config.batch_size // self.ranks.world_size
         torch.manual_seed(config.seed)  # weight init is part of the run's identity
         self.model = Music2Latent2(model_config or config.model_config()).to(self.device).train()
         if config.summary_init_std is not None:
@@ -243,7 +265,8 @@ class Trainer:
         # the time steps are skipped (r_t changes by at most 1.1e-3 per step after step 100).
         self.optimizer_steps = 0
         # Noise is drawn on the training device: no host-side randn and copy per step.
-        seed = noise_seed(config.seed, config.start_step) if config.noise_seed_v2 else config.seed + 1
+        seed = (noise_seed(config.seed, config.start_step, self.ranks.rank) if config.noise_seed_v2
+                else config.seed + 1 + 7919 * self.ranks.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.sampler = NoiseIndexSampler(self.model.config, config.sigma_log_mean, config.sigma_log_std,
                                          uniform_share=config.sigma_uniform_share,
@@ -252,6 +275,8 @@ class Trainer:
             if config.context_share > 0 else None
         self.step = config.start_step
         self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # read on log steps only
+        self._skip_run = torch.zeros((), dtype=torch.int64, device=self.device)  # non-finite steps in a row
+        self.stop_signal: str | None = None  # set by a signal handler: stop at the next agreed step
         self.samples_seen = 0
         self._steps_per_s: float | None = None  # measured when a time budget is calibrated
         self.best_metric: float | None = None
@@ -268,14 +293,18 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.loss_module = ConsistencyLoss(self.model, self.autocast_dtype, config.latent_penalty,
                                            config.pre_tanh_limit, config.loss_weighting)
-        self._loss: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = self.loss_module
+        # DDP around the loss module (a no-op in a world of one): its forward is the whole loss, so
+        # the gradient all-reduce overlaps the backward pass.
+        self.parallel_loss = self.ranks.wrap(self.loss_module)
+        self._loss: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = self.parallel_loss
         self.compiled = config.compile == "on" or (config.compile == "auto" and self.device.type == "cuda")
         self.compile_seconds: float | None = None  # the first compiled step, compilation included
         if self.compiled:
             self._load_compile_cache()
             # fullgraph: a graph break would split the loss into pieces with host round trips;
-            # better to fail (and fall back to eager) than to run that silently.
-            self._loss = torch.compile(self.loss_module, fullgraph=True, dynamic=False)
+            # better to fail (and fall back to eager) than to run that silently. Under DDP,
+            # dynamo's DDPOptimizer splits the graph at the gradient buckets, keeping the overlap.
+            self._loss = torch.compile(self.parallel_loss, fullgraph=True, dynamic=False)
 
     @property
     def skipped(self) -> int:
@@ -293,7 +322,7 @@ class Trainer:
             return
         try:
             torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-            print(f"compile cache: loaded {path}", flush=True)
+            self.ranks.print(f"compile cache: loaded {path}")
         except Exception as err:  # a stale or torn cache costs a recompile, never the run
             print(f"warning: compile cache {path} unusable ({type(err).__name__}: {err}); compiling afresh",
                   flush=True)
@@ -315,7 +344,7 @@ class Trainer:
         print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
               f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
-        self._loss, self.compiled = self.loss_module, False
+        self._loss, self.compiled = self.parallel_loss, False
 
     def init_weights_from(self, model: Music2Latent2) -> bool:
         """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
@@ -342,6 +371,27 @@ class Trainer:
             self.model.init_summary_tokens(target, torch.Generator().manual_seed(self.config.seed))
         self.ema.load_state_dict(self.model.state_dict(), strict=True)
         return redraw
+
+    @torch.no_grad()
+    def sync_ranks(self) -> None:
+        """Make every rank start from rank 0's weights, and check that the rest of the state (optimiser
+        moments, counters) is the same everywhere. Call once after initialising or resuming.
+
+        Every rank builds and loads the same thing, so this only guards against what differs by
+        accident: a state file one machine reads in another version (an ``--out`` that is not on a
+        filesystem every machine sees), a weight init that drew from a rank-specific generator.
+        """
+        if not self.ranks.distributed:
+            return
+        self.ranks.broadcast_module(self.model)
+        self.ranks.broadcast_module(self.ema)
+        moments = [t.double().sum() for state in self.optimizer.state.values() for t in state.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        checksum = float(torch.stack(moments).sum()) if moments else 0.0
+        self.ranks.check_same({"step": float(self.step), "optimizer steps": float(self.optimizer_steps),
+                               "optimizer moments": checksum, "skipped steps": float(self.skipped)},
+                              "the ranks loaded different training states (with several machines, --out must be "
+                              "on a filesystem that every machine sees)")
 
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
@@ -406,8 +456,8 @@ class Trainer:
         if first_compiled:
             synchronize_device(self.device)
             self.compile_seconds = time.perf_counter() - t0
-            print(f"compiled the training loss in {self.compile_seconds:.1f} s", flush=True)
-            saved = self.save_compile_cache()
+            self.ranks.print(f"compiled the training loss in {self.compile_seconds:.1f} s")
+            saved = self.save_compile_cache() if self.ranks.is_main else None
             if saved is not None:
                 print(f"compile cache -> {saved}", flush=True)
         return loss, stats
@@ -430,8 +480,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, stats = self._forward_backward(wav, delta)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # the same on every rank
+        # The loss is each rank's own: its mean over the ranks makes the skip decision (and the
+        # logged loss) a collective one, so no rank steps while another skips.
+        loss_mean = self.ranks.all_reduce_(loss.detach().float().clone(), "mean", "the training step")
+        finite = torch.isfinite(loss_mean) & torch.isfinite(grad_norm)
         self.step += 1
         self.optimizer_steps += 1
         if self.device_skip:
@@ -447,8 +500,9 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self._skipped += 1
-        self.samples_seen += wav.shape[0]
-        stats.update(loss=loss.detach().float(), grad_norm=grad_norm.float(), finite=finite)
+        self._skip_run = torch.where(finite, torch.zeros_like(self._skip_run), self._skip_run + 1)
+        self.samples_seen += wav.shape[0] * self.ranks.world_size
+        stats.update(loss=loss_mean, grad_norm=grad_norm.float(), finite=finite)
         return stats
 
     def train_step(self, wav: torch.Tensor, health: bool = False) -> Dict[str, float]:
@@ -479,20 +533,28 @@ class Trainer:
         assert c.max_minutes is not None
         remaining = (c.max_minutes - c.reserve_minutes) * 60 - elapsed_s
         c.total_steps = max(self.step + 1, self.step + int(steps_per_s * remaining))
-        print(f"time budget {c.max_minutes:g} min at {steps_per_s:.2f} steps/s: schedules end at step "
-              f"{c.total_steps}", flush=True)
+        self.ranks.print(f"time budget {c.max_minutes:g} min at {steps_per_s:.2f} steps/s: schedules end at step "
+                         f"{c.total_steps}")
 
     def fit(self, batches: Iterable[torch.Tensor], crop: int, on_save: Callable[[Trainer], None],
             on_eval: Callable[[Trainer], None] | None = None, log_file: Path | None = None,
-            on_snapshot: Callable[[Trainer], None] | None = None) -> None:
+            on_snapshot: Callable[[Trainer], None] | None = None) -> str:
         """Train until ``total_steps`` (or the time budget), logging, saving, evaluating and
-        snapshotting on schedule.
+        snapshotting on schedule. Returns why it stopped (one of :data:`STOP_REASONS`).
 
         With ``max_minutes`` the steps/s of ``calibrate_steps`` steps (after 10 warm-up steps)
         fix ``total_steps``, so a run stopped by its budget has finished its lr and consistency
         schedules; the budget is also a hard stop should the speed drop later.
+
+        It also stops when :attr:`stop_signal` is set (a handler of SIGTERM or SIGUSR1: the
+        caller saves the state) and after ``max_consecutive_skips`` non-finite steps in a row.
+        In a data-parallel run every such decision is taken on rank 0's clock and agreed by all
+        ranks every :data:`CONTROL_EVERY` steps (and at the calibration's steps), so every rank
+        stops after the same step. ``on_save`` and ``on_eval`` run on every rank (they may hold
+        collectives); ``on_snapshot`` and the log only on rank 0.
         """
         c = self.config
+        ranks = self.ranks
         # Sums of _SUMMED over the finite steps since the last log line, and their count: kept on
         # the device and read once per log line, so no step waits for the host.
         sums: torch.Tensor | None = None
@@ -500,29 +562,44 @@ class Trainer:
         t0, s0 = t_begin, self.step
         first = self.step
         calib_t: float | None = None
+        calib_steps = (first + 10, first + 10 + c.calibrate_steps) if c.max_minutes is not None else ()
         last_snapshot = t_begin
-        ender = _EndFile(c.end_file, time.time()) if c.end_file else None
+        ender = _EndFile(c.end_file, time.time()) if c.end_file and ranks.is_main else None
         if ender is not None:
             ender.apply(self, None, 0.0)
+        reason = "data"  # the loader ran dry
         for wav in batches:
             if self.step >= c.total_steps:
+                reason = "steps"
                 break
-            if ender is not None and time.perf_counter() - ender.checked >= 5.0:
-                ender.apply(self, self._steps_per_s, time.perf_counter() - t_begin)
-            if c.max_minutes is not None and self.step in (first + 10, first + 10 + c.calibrate_steps):
-                synchronize_device(self.device)  # calibrate on finished GPU work, not on the host's queue
-            now = time.perf_counter()
-            if c.max_minutes is not None:
-                if now - t_begin > c.max_minutes * 60:
-                    print(f"time budget of {c.max_minutes:g} min spent at step {self.step} of {c.total_steps}; "
-                          "stopping", flush=True)
+            if not ranks.distributed or self.step % CONTROL_EVERY == 0 or self.step in calib_steps:
+                if ender is not None and time.perf_counter() - ender.checked >= 5.0:
+                    ender.apply(self, self._steps_per_s, time.perf_counter() - t_begin)
+                if self.step in calib_steps:
+                    synchronize_device(self.device)  # calibrate on finished GPU work, not on the host's queue
+                now = time.perf_counter()
+                time_up = c.max_minutes is not None and now - t_begin > c.max_minutes * 60
+                if c.max_minutes is not None and not time_up:
+                    if self.step == first + 10:
+                        calib_t = now
+                    elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
+                        self._steps_per_s = c.calibrate_steps / (now - calib_t)
+                        self._calibrate(self._steps_per_s, now - t_begin)
+                        calib_t = None
+                (time_up_f, total), (signalled,) = ranks.agree([float(time_up), c.total_steps],
+                                                               [self.stop_signal is not None])
+                c.total_steps = int(total)
+                if time_up_f:
+                    ranks.print(f"time budget of {c.max_minutes:g} min spent at step {self.step} of "
+                                f"{c.total_steps}; stopping")
+                    reason = "time"
                     break
-                if self.step == first + 10:
-                    calib_t = now
-                elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
-                    self._steps_per_s = c.calibrate_steps / (now - calib_t)
-                    self._calibrate(self._steps_per_s, now - t_begin)
-                    calib_t = None
+                if signalled:
+                    reason = "signal"
+                    break
+                if self.step >= c.total_steps:
+                    reason = "steps"
+                    break
             lr, delta = self.lr_at(self.step), self.delta_at(self.step)
             stats = self.step_on_device(wav)
             self.recent_batches.append(wav.detach().cpu())
@@ -532,36 +609,52 @@ class Trainer:
             sums = step_sums if sums is None else sums + step_sums
             if self.step % c.log_every == 0 or self.step == c.total_steps:
                 assert sums is not None
-                *totals, count = sums.tolist()  # the host sync of this log interval
-                rate = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
-                means = {k: (v / count if count else float("nan")) for k, v in zip(_SUMMED, totals)}
-                loss = means.pop("loss")
-                health = latent_health(list(stats["latents"].double().cpu().numpy()))
-                skipped = self.skipped
-                line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                        f"delta {delta:.4f}  sat {means['saturated']:.4f}  "
-                        f"pre-tanh std {means['pre_tanh_std']:.3f}  "
-                        f"high-sigma {means['high_sigma_share']:.3f}  "
-                        f"rank {health.get('effective_rank', float('nan')):.2f}  "
-                        f"slot-cos {health.get('slot_cosine', float('nan')):.2f}  "
-                        f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {skipped}")
-                print(line, flush=True)
-                if log_file is not None:
-                    record = {"step": self.step, "loss": loss, "lr": lr, "delta": delta,
-                              "steps_per_s": rate, "audio_hours": self.audio_hours_seen(crop),
-                              "skipped": skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means,
-                              **{k: health[k] for k in HEALTH_KEYS if k in health}}
-                    with open(log_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                # Rank 0's statistics but the loss, already the ranks' mean; finite steps are the
+                # same on every rank. The one host sync of this log interval.
+                *totals, count = sums.tolist()
+                skip_run = int(self._skip_run.item())
+                if ranks.is_main:
+                    self._log_line(totals, count, lr, delta, stats, crop, (self.step - s0)
+                                   / max(time.perf_counter() - t0, 1e-9), t_begin, log_file)
                 sums, t0, s0 = None, time.perf_counter(), self.step
+                if skip_run >= c.max_consecutive_skips:
+                    ranks.print(f"error: the last {skip_run} steps (to step {self.step}) all had a non-finite loss "
+                                "or gradient and were skipped: training has diverged; stopping (lower --lr, or "
+                                "look for broken audio in --data)")
+                    reason = "diverged"
+                    break
             if self.step % c.save_every == 0 or self.step == c.total_steps:
                 on_save(self)
             if on_eval is not None and (self.step % c.eval_every == 0 or self.step == c.total_steps):
                 on_eval(self)
-            if (on_snapshot is not None and c.snapshot_minutes is not None
+            if (on_snapshot is not None and ranks.is_main and c.snapshot_minutes is not None
                     and time.perf_counter() - last_snapshot >= c.snapshot_minutes * 60):
                 on_snapshot(self)
                 last_snapshot = time.perf_counter()
+        return reason
+
+    def _log_line(self, totals: List[float], count: float, lr: float, delta: float, stats: Dict[str, torch.Tensor],
+                  crop: int, rate: float, t_begin: float, log_file: Path | None) -> None:
+        c = self.config
+        means = {k: (v / count if count else float("nan")) for k, v in zip(_SUMMED, totals)}
+        loss = means.pop("loss")
+        health = latent_health(list(stats["latents"].double().cpu().numpy()))
+        skipped = self.skipped
+        line = (f"step {self.step}/{c.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"delta {delta:.4f}  sat {means['saturated']:.4f}  "
+                f"pre-tanh std {means['pre_tanh_std']:.3f}  "
+                f"high-sigma {means['high_sigma_share']:.3f}  "
+                f"rank {health.get('effective_rank', float('nan')):.2f}  "
+                f"slot-cos {health.get('slot_cosine', float('nan')):.2f}  "
+                f"{rate:.2f} steps/s  audio {self.audio_hours_seen(crop):.2f} h  skipped {skipped}")
+        print(line, flush=True)
+        if log_file is not None:
+            record = {"step": self.step, "loss": loss, "lr": lr, "delta": delta,
+                      "steps_per_s": rate, "audio_hours": self.audio_hours_seen(crop),
+                      "skipped": skipped, "minutes": (time.perf_counter() - t_begin) / 60, **means,
+                      **{k: health[k] for k in HEALTH_KEYS if k in health}}
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class _EndFile:
