@@ -187,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     say(f"batch: {cfg.batch_size} per step (global) = {trainer.rank_batch_size} per rank x {ranks.world_size} "
         f"rank(s); learning rate {cfg.lr:g} for that global batch")
     stops = StopSignals(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit
+    connected = True  # the process group is intact, so the ranks can leave it together
     try:
         loader, crop = _loader(cfg, trainer)
         if args.end_by is not None:
@@ -214,6 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             path = _export(trainer, loader, out / "final", fp16=False)
             print(f"exported EMA weights to {path}", flush=True)
     except (LostRank, RuntimeError) as err:
+        connected = False
         if not ranks.distributed:
             raise
         state = out / STATE_NAME
@@ -224,9 +226,13 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"(when a collective fails, another rank has most likely died: its own error is in its log; {saved})",
               file=sys.stderr, flush=True)
         return 1
+    except BaseException:
+        connected = False
+        raise
     finally:
         stops.restore()
-    ranks.close()
+        if connected:
+            ranks.close()
     return 0
 
 

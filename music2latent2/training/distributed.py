@@ -85,6 +85,12 @@ class Ranks:
             tensor /= self.world_size
         return tensor
 
+    def mean(self, tensor: torch.Tensor, what: str = "an all-reduce") -> torch.Tensor:
+        """The mean of ``tensor`` over the ranks, as a new tensor (``tensor`` itself in a world of one)."""
+        if not self.distributed:
+            return tensor
+        return self.all_reduce_(tensor.clone(), "mean", what)
+
     def agree(self, main_values: Sequence[float], any_flags: Sequence[bool]) -> tuple[List[float], List[bool]]:
         """Rank 0's ``main_values`` and the OR of every rank's ``any_flags``, on every rank (one collective)."""
         if not self.distributed:

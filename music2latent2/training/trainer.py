@@ -483,7 +483,7 @@ class Trainer:
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # the same on every rank
         # The loss is each rank's own: its mean over the ranks makes the skip decision (and the
         # logged loss) a collective one, so no rank steps while another skips.
-        loss_mean = self.ranks.all_reduce_(loss.detach().float().clone(), "mean", "the training step")
+        loss_mean = self.ranks.mean(loss.detach().float(), "the training step")
         finite = torch.isfinite(loss_mean) & torch.isfinite(grad_norm)
         self.step += 1
         self.optimizer_steps += 1
