@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"consistency steps per chunk, 1..{MAX_DENOISING_STEPS} (paper: 1)")
             p.add_argument("--sigma-cond", type=_sigma_cond, default=DEFAULT_SIGMA_COND,
                            help="re-noising level of the previous chunk (paper: 0.4)")
+    sub.add_parser("evaluate", add_help=False, help="reconstruction quality of a model on audio files, with an HTML "
+                   "report (music2latent2 evaluate --help)")
     exports = {"export-torchscript": "a streaming TorchScript file for real-time hosts (nn~ for Max/MSP, Pure Data)",
                "export-onnx": "the encoder as an ONNX graph (chunk windows -> latents, features)"}
     for name, text in exports.items():
@@ -623,6 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``music2latent2`` console script; returns the exit status
     (0 all done, 1 some inputs failed, 2 bad arguments / no inputs / model not loadable,
     130 interrupted by Ctrl-C or SIGTERM: finished outputs are kept, re-run to resume)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:  # its own parser (python -m music2latent2.evaluate), so both spell it alike
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:], prog="music2latent2 evaluate")
     args = build_parser().parse_args(argv)
     previous: Dict[int, Any] = {}
     try:

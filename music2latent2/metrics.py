@@ -12,8 +12,8 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["si_sdr", "mel_filterbank", "log_mel_spectrogram", "multires_logmel_distance", "OCTAVE_CENTRES_HZ",
-           "octave_band_levels_db", "band_level_error_db"]
+__all__ = ["si_sdr", "mel_filterbank", "mel_band_centres_hz", "log_mel_spectrogram", "multires_logmel_distance",
+           "OCTAVE_CENTRES_HZ", "octave_band_levels_db", "band_level_error_db"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -84,6 +84,14 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     fb = np.maximum(0.0, np.minimum(rising, falling))
     fb *= 2.0 / np.maximum(upper - lower, 1e-9)  # equal area per band (Slaney-style norm)
     return torch.from_numpy(fb.astype(np.float32))
+
+
+def mel_band_centres_hz(sample_rate: int, n_mels: int, f_min: float = 0.0,
+                        f_max: Union[float, None] = None) -> np.ndarray:
+    """(n_mels,) centre frequencies in Hz of :func:`mel_filterbank`'s bands (to label a mel axis)."""
+    f_max = sample_rate / 2 if f_max is None else f_max
+    mels = np.linspace(_hz_to_mel(np.array(f_min)), _hz_to_mel(np.array(f_max)), n_mels + 2)
+    return _mel_to_hz(mels[1:-1])
 
 
 def log_mel_spectrogram(wav: torch.Tensor, sample_rate: int, n_fft: int, hop: int, n_mels: int,

@@ -68,7 +68,11 @@ def test_recipe_fine_tunes_a_checkpoint(tmp_path):
     with safe_open(str(run / "state.safetensors"), framework="pt") as f:
         cfg = json.loads(f.metadata()["train_config"])
     assert cfg["init_from"] and len(cfg["init_sha256"]) == 64 and cfg["lr"] == 5e-5 and cfg["ema_momentum"] == 0.999
-    assert len((run / "eval.jsonl").read_text().splitlines()) == 1
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len(evals) == 1
+    assert list(evals[0]["band_levels_db"]) == ["63 Hz", "125 Hz", "250 Hz", "500 Hz", "1 kHz", "2 kHz", "4 kHz",
+                                                "8 kHz", "16 kHz"]  # the held-out eval sees every band
+    assert evals[0]["level_db"] is not None and evals[0]["band_level_error_db"] is not None
     final = Music2Latent2.from_pretrained(run / "final")
     # The fine-tune changed the weights (not only the re-drawn summary tokens: RAdam steps from step 6 on).
     before = dict(start.named_parameters())

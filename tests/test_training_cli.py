@@ -75,7 +75,9 @@ def test_train_resume_export_evaluate(tmp_path, capsys):
     assert "Level per octave band" in (tmp_path / "report" / "results.md").read_text()
 
 
-def test_evaluate_cli_rejects_missing_data(tmp_path):
+def test_evaluate_cli_rejects_missing_data(tmp_path, capsys):
     from music2latent2.evaluate import main as eval_main
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(SystemExit) as exc:  # a usage error (exit 2) that names the folder, not a traceback
         eval_main(["--data", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+    assert f"not found: {tmp_path / 'missing'}" in capsys.readouterr().err

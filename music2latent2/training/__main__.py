@@ -278,7 +278,7 @@ def _evaluate(t: Trainer, cfg: TrainConfig, out: Path) -> bool:
           f"level {mean['level_db']:+.1f} dB  band error {band_error:.1f} dB  latent rank {rank:.2f}  "
           f"slot-cos {slot_cos:.2f}", flush=True)
     with open(out / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"step": t.step, **mean, **health}) + "\n")
+        f.write(json.dumps({"step": t.step, **mean, **health, "band_levels_db": report["band_levels_db"]}) + "\n")
     if t.best_metric is None or mean["logmel_distance"] < t.best_metric:
         t.best_metric = mean["logmel_distance"]
         return True
