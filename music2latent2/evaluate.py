@@ -336,6 +336,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m music2latent2
         writer = ReportWriter(args.report, encdec.sample_rate, args.report_audio, compare) if args.report else None
     except (ReportError, ImportError) as err:
         parser.error(str(err))
+    software = software_info()  # the code as it was when the run started
     with writer if writer is not None else contextlib.nullcontext():
         visqol = ViSQOL(enabled=not args.no_visqol)
         if not visqol.available:
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m music2latent2
                               "normalize": not args.no_normalize, "seed": args.seed, "precision": args.precision,
                               "device": str(encdec.device), "max_seconds": args.max_seconds}
         report["data"] = {"path": str(args.data), "files": len(files)}
-        report["software"] = software_info()
+        report["software"] = software
         report["visqol_note"] = visqol.reason
         table = markdown_table(report)
         print(table)

@@ -6,8 +6,9 @@ test or a notebook without touching the caller's matplotlib settings.
 
 Colour scales are what make two pictures comparable, so they are fixed per report, not per
 picture: every input and reconstruction spectrogram in one report (and in the report it is
-compared with) shares one level scale, ``LEVEL_RANGE_DB`` below the loudest mel bin of any input,
-and every difference picture shares one symmetric scale of +-``DIFF_RANGE_DB``.
+compared with) shares one level scale, from the loudest mel bin of any of the report's inputs and
+reconstructions down ``LEVEL_RANGE_DB``, and every difference picture shares one symmetric scale
+of +-``DIFF_RANGE_DB``.
 """
 
 from __future__ import annotations
