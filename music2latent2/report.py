@@ -86,8 +86,13 @@ def load_report(path: str | os.PathLike) -> PriorReport:
     return PriorReport(folder, results, rows)
 
 
+REPORT_ENTRIES = frozenset({"index.html", "results.json", "results.md", RECONSTRUCTIONS})
+
+
 def _is_report(folder: Path) -> bool:
-    return (folder / "results.json").is_file() and (folder / "index.html").is_file()
+    """An earlier report, and nothing else: replacing it loses nothing the user put there."""
+    names = {p.name for p in folder.iterdir()}
+    return {"index.html", "results.json"} <= names and names <= REPORT_ENTRIES
 
 
 def _encode_audio(wav: np.ndarray, sample_rate: int, fmt: str) -> bytes:
@@ -135,8 +140,9 @@ class ReportWriter:
         if self.out.exists() and not self.out.is_dir():
             raise ReportError(f"--report {self.out} is a file; name a folder")
         if self.out.is_dir() and any(self.out.iterdir()) and not _is_report(self.out):
-            raise ReportError(f"--report {self.out} is a folder that holds something other than a report; name a "
-                              "new or empty folder (an earlier report there would be replaced)")
+            raise ReportError(f"--report {self.out} is a folder that holds something other than a report (a report "
+                              f"holds only {', '.join(sorted(REPORT_ENTRIES))}); name a new or empty folder, or an "
+                              "earlier report, which is replaced whole")
         self.sample_rate = sample_rate
         self.audio_format = audio_format
         self.compare = compare

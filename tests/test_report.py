@@ -163,6 +163,27 @@ def test_compare_and_report_refuse_what_they_cannot_use(setup, tmp_path, capsys)
         eval_main(base + ["--report", str(mine)])
     assert exc.value.code == 2 and "holds something other than a report" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    # Nor a report that the user has added a file to: replacing it would lose that file.
+    extended = tmp_path / "extended"
+    shutil.copytree(setup["report"], extended)
+    (extended / "my_notes.md").write_text("listened on headphones")
+    with pytest.raises(SystemExit) as exc:
+        eval_main(base + ["--report", str(extended)])
+    assert exc.value.code == 2 and "holds something other than a report" in capsys.readouterr().err
+    assert (extended / "my_notes.md").is_file()
+
+
+def test_a_report_can_replace_the_one_it_is_compared_with(setup, tmp_path):
+    report = tmp_path / "rep"
+    shutil.copytree(setup["report"], report)
+    old = json.loads((report / "results.json").read_text())
+    base = ["--model", str(setup["ckpt"]), "--data", str(setup["data"]), "--no-visqol", "--report-audio", "none"]
+    assert eval_main(base + ["--mode", "parallel", "--report", str(report), "--compare", str(report)]) == 0
+    page = (report / "index.html").read_text()
+    new = json.loads((report / "results.json").read_text())
+    assert new["mode"] == "parallel" and "B: compared with" in page and "not compared" not in page
+    diff = new["mean"]["si_sdr"] - old["mean"]["si_sdr"]  # B is the report that was there before
+    assert f"{diff:+.3f}</td>" in page
 
 
 def test_failed_run_leaves_the_earlier_report_as_it_was(setup, tmp_path):
