@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .metrics import mel_band_centres_hz, mel_filterbank
+from .metrics import log_mel_spectrogram, mel_band_centres_hz
 
 __all__ = ["SPEC_N_FFT", "SPEC_HOP", "SPEC_MELS", "LEVEL_RANGE_DB", "DIFF_RANGE_DB", "require_matplotlib", "mel_db",
            "level_scale", "difference_db", "spectrogram_png", "band_levels_png", "card_png"]
@@ -49,13 +49,9 @@ def mel_db(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         relative (area-normalised filters), the same for every signal, so differences are exact.
     """
     x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).reshape(-1, wav.shape[-1])  # (C, T)
-    if x.shape[-1] < SPEC_N_FFT // 2 + 1:  # reflect padding needs half a window
-        x = torch.nn.functional.pad(x, (0, SPEC_N_FFT // 2 + 1 - x.shape[-1]))
-    spec = torch.stft(x, SPEC_N_FFT, SPEC_HOP, window=torch.hann_window(SPEC_N_FFT), center=True,
-                      return_complex=True)  # (C, F, frames)
-    power = spec.abs().pow(2).mean(0)  # (F, frames)
-    mel = mel_filterbank(sample_rate, SPEC_N_FFT, SPEC_MELS) @ power  # (n_mels, frames)
-    return (10 * torch.log10(mel.clamp_min(1e-12))).numpy().astype(np.float32)
+    log_mel = log_mel_spectrogram(x, sample_rate, SPEC_N_FFT, SPEC_HOP, SPEC_MELS, floor=1e-12)  # (C, n_mels, frames)
+    power = torch.pow(10.0, log_mel.double()).mean(0)  # mel is linear in power: the channels' mean power
+    return (10 * torch.log10(power.clamp_min(1e-12))).float().numpy()
 
 
 def level_scale(spectrograms: Sequence[np.ndarray]) -> Tuple[float, float]:
