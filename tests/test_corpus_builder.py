@@ -179,6 +179,21 @@ def test_parts_round_trip_and_corruption(built, tmp_path):
     assert res.returncode == 1 and "corrupt" in res.stderr and victim.name in res.stderr
 
 
+def test_pack_replaces_only_its_own_parts_and_marks_them_as_one_pack(built, tmp_path):
+    carry = tmp_path / "carry"
+    first = pack(built["out"], carry, part_mib=0.5, log=lambda s: None)
+    packs = {json.loads((p / "part.json").read_text())["pack"] for p in first}
+    assert len(packs) == 1 and len(next(iter(packs))) == 16
+    second = pack(built["out"], carry, part_mib=0.5, log=lambda s: None)  # parts alone: replaced
+    assert {json.loads((p / "part.json").read_text())["pack"] for p in second} != packs
+    (carry / "compile_cache.bin.gz").write_bytes(b"kept")  # anything else of the user's: refused, untouched
+    before = sorted(p.name for p in carry.iterdir())
+    with pytest.raises(CorpusError, match="holds more than carry parts"):
+        pack(built["out"], carry, part_mib=0.5, log=lambda s: None)
+    assert sorted(p.name for p in carry.iterdir()) == before
+    assert (carry / "compile_cache.bin.gz").read_bytes() == b"kept"
+
+
 def test_a_file_larger_than_a_part_is_refused(built, tmp_path):
     with pytest.raises(CorpusError, match="larger than a part"):
         pack(built["out"], tmp_path / "carry", part_mib=0.05)

@@ -1,13 +1,18 @@
-"""A 15-minute training leg: the plan of its calls (scripts/gpu/leg.py), parking the bundled
-weights, the lease's end, continuation from a checkpoint's step and delta, and the ship check.
-The whole sequence of calls is rehearsed by scripts/gpu/rehearse.sh (minutes, not a test)."""
+"""A training leg on a lent GPU (scripts/gpu/): the plan of its calls and what makes it NOT ok,
+the wheels' tags, parking the bundled weights behind a pre-commit hook, the lease's end from
+budget_left_s, when a call returns, a poll on a fresh machine, requested and final snapshots
+coming back, keeping a reply without torch, continuation from a checkpoint's step and delta, and
+the ship check. The whole sequence of calls is rehearsed by scripts/gpu/rehearse.sh (minutes,
+not a test)."""
 
+import gzip
 import importlib.util
+import io
 import json
 import os
-import re
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -23,133 +28,353 @@ from music2latent2.training import Trainer
 from music2latent2.training.__main__ import continuation, ship_decision
 from music2latent2.training.__main__ import main as train_main
 from music2latent2.training.export import export_checkpoint
+from music2latent2.training.pieces import SNAPSHOT_FORMAT, split_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-LEG_SH = ROOT / "scripts" / "gpu" / "leg.sh"
-CALL_LINE = re.compile(r"^call (\d+): tree ([\d.]+) MiB \+ carry ([\d.]+) MiB = ([\d.]+) MiB")
+GPU = ROOT / "scripts" / "gpu"
+LEG_SH = GPU / "leg.sh"
+WEIGHTS = "music2latent2/weights/m2l2-small.safetensors"
+WHEELS = ("cffi-2.0.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", "pycparser-2.23-py3-none-any.whl",
+          "soundfile-0.13.1-py2.py3-none-manylinux_2_28_x86_64.whl",
+          "soxr-1.0.0-cp312-abi3-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl")
 
 
-def _leg_module():
-    spec = importlib.util.spec_from_file_location("m2l2_leg", ROOT / "scripts" / "gpu" / "leg.py")
+def _load(name):
+    sys.path.insert(0, str(GPU))
+    spec = importlib.util.spec_from_file_location(f"m2l2_{name}", GPU / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["m2l2_leg"] = module  # dataclasses look their module up there
+    sys.modules[f"m2l2_{name}"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def _plan(env_extra=None, root=ROOT):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEG_")}
-    env.update(env_extra or {})
-    return subprocess.run(["bash", str(LEG_SH), "plan"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=60)
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEG_") and k != "OUT"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
 
 
-def _check_calls(text):
-    calls = [CALL_LINE.match(line) for line in text.splitlines() if CALL_LINE.match(line)]
-    assert calls, text
-    for m in calls:
-        tree, carry, total = (float(m.group(i)) for i in (2, 3, 4))
-        assert total <= 64 and abs(tree + carry - total) <= 0.11, m.group(0)
-    minutes = float(re.search(r"^training: ([\d.]+) min planned", text, re.M).group(1))
-    return calls, minutes
+def _leg(args, root=ROOT, **extra):
+    return subprocess.run(["bash", str(LEG_SH), *args], cwd=root, env=_env(LEG_ROOT=root, **extra),
+                          capture_output=True, text=True, timeout=120)
 
 
-def test_plan_of_this_checkout_fits_every_call_and_trains_nine_minutes():
-    res = _plan()
-    assert res.returncode == 0, res.stdout + res.stderr
-    calls, minutes = _check_calls(res.stdout)
-    assert minutes >= 9 and "plan ok" in res.stdout
-    first = res.stdout.split("call 2:")[0]
-    assert "music2latent2/weights/m2l2-small.safetensors" in first and "leg.sh start" in first
-    # Every later call is a poll that moves the end to where the lease's held_s puts it.
-    later = res.stdout.split("call 2:", 1)[1]
-    assert later.count("LEG_HELD_S=HELD_SECONDS bash scripts/gpu/leg.sh poll") == len(calls) - 1
+def _plan(root, **extra):
+    res = _leg(["plan", "--json"], root, **extra)
+    return res, json.loads(res.stdout)
 
 
-def test_plan_refuses_a_layout_that_does_not_fit():
-    res = _plan({"LEG_START_S": "400"})  # a 400 s machine start leaves too few training minutes
-    assert res.returncode == 1 and "PROBLEM" in res.stdout and "plan NOT ok" in res.stdout
+def _git(repo, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                          capture_output=True, text=True)
 
 
-def _repo(tmp_path):
-    """A git checkout with a 41 MiB stand-in for the bundled weights and packed corpus parts."""
+def _repo(tmp_path, corpus_mib=170, part_mib=7.5):
+    """A git checkout as a leg needs it: a 41 MiB stand-in for the bundled weights, wheels with
+    the device's tags, wheels.txt, and a corpus packed into parts."""
     repo = tmp_path / "repo"
-    weights = repo / "music2latent2" / "weights" / "m2l2-small.safetensors"
+    weights = repo / WEIGHTS
     weights.parent.mkdir(parents=True)
     with open(weights, "wb") as f:
         f.truncate(43_027_932)  # sparse: the size is what counts
+    (repo / "scripts" / "gpu").mkdir(parents=True)
+    (repo / "scripts" / "gpu" / "wheels.txt").write_text((GPU / "wheels.txt").read_text())
     (repo / "README.md").write_text("x\n")
-    (repo / ".gitignore").write_text("/.carry/\n/.whl/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
-    subprocess.run(git + ["add", "."], cwd=repo, check=True)
-    subprocess.run(git + ["commit", "-qm", "x"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("/.carry/\n/.whl/\n/.leg/\n/runs/\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "x")
+    (repo / ".whl").mkdir()
+    for name in WHEELS:
+        (repo / ".whl" / name).write_bytes(b"w" * 450_000)
     corpus = tmp_path / "corpus" / "music"
     corpus.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for i in range(60):
-        (corpus / f"t{i:02d}.ogg").write_bytes(rng.bytes(1_000_000))
+    for i in range(corpus_mib):
+        (corpus / f"t{i:03d}.ogg").write_bytes(rng.bytes(2 ** 20))
     from music2latent2.training.corpus.parts import pack
-    pack(corpus.parent, repo / ".carry", 3.5, log=lambda *_: None)
+    pack(corpus.parent, repo / ".carry", part_mib, log=lambda *_: None)
     return repo
 
 
-def test_plan_packs_parts_into_calls_rotates_them_and_park_unpark(tmp_path):
+# --------------------------------------------------------------------------- the plan
+def test_a_ready_checkout_plans_few_calls_that_fit_train_and_bring_two_hours(tmp_path):
     repo = _repo(tmp_path)
-    env = {"LEG_ROOT": str(repo)}
-    res = _plan(env, root=repo)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "still tracked: run `bash scripts/gpu/leg.sh park`" in res.stdout
-    calls, _ = _check_calls(res.stdout)
-    first = res.stdout.split("call 2:")[0]
-    carried = json.loads(re.search(r"carry +(\[.*\])", first).group(1))
-    parts = [p for p in carried if p.startswith(".carry/p")]
-    assert len(parts) >= 4 and len(carried) <= 8  # the room next to the weights goes to data
-    assert float(calls[0].group(2)) < 1  # the tree leaves the weights out: they travel once, in call 1
-    rotated = _plan({**env, "LEG_NUMBER": "3"}, root=repo).stdout
-    later = json.loads(re.search(r"carry +(\[.*\])", rotated.split("call 2:")[0]).group(1))
-    assert not set(parts) & {p for p in later if p.startswith(".carry/p")}  # leg 3 carries other parts
+    assert _leg(["park"], repo).returncode == 0
+    res, plan = _plan(repo)
+    assert res.returncode == 0 and plan["problems"] == [], plan["problems"]
+    calls = {c["name"]: c for c in plan["calls"]}
+    for c in plan["calls"]:
+        assert c["total_mib"] <= 63 and len(c["carry"]) <= 8, c
+    first = calls["call 1"]
+    assert first["carry"][:2] == [".whl", WEIGHTS] and any(p.startswith(".carry/p") for p in first["carry"])
+    assert first["tree_mib"] < 1  # the weights travel once, in call 1, not with the tree
+    polls = [c for c in plan["calls"] if c["name"].startswith("poll")]
+    assert polls and len({c["command"] for c in polls}) == 1  # one poll command, the same every time
+    assert "LEG_BUDGET_LEFT_S=SECONDS_LEFT bash scripts/gpu/leg.sh poll" in polls[0]["command"]
+    assert all(len(c["carry"]) == 8 for c in polls)  # polls bring corpus parts
+    restart = calls["restart"]
+    assert "runs/leg2/latest.safetensors" in restart["carry"] and WEIGHTS not in restart["carry"]
+    assert "LEG_INIT=runs/leg2/latest.safetensors" in restart["command"]
+    slow, fast = plan["timeline_slow"], plan["timeline_fast"]
+    assert slow["train_minutes"] >= 8 and fast["train_minutes"] >= 11
+    assert 2 <= slow["calls"] <= 3 and fast["calls"] <= 4  # 1-3 gaps in a window
+    assert all(b - a <= 6.5 * 60 for a, b in zip(slow["returns_s"], slow["returns_s"][1:]))
+    assert plan["data_hours"] >= 2 and plan["poll_back_files"] <= 8
+    # Compile minutes are not training minutes.
+    _, compiled = _plan(repo, LEG_COMPILE="on", LEG_COMPILE_DEADLINE_S=150)
+    assert compiled["timeline_slow"]["train_minutes"] == pytest.approx(slow["train_minutes"] - 2.5, abs=0.01)
+    # The next leg starts where this one stopped in the list of parts.
+    _, third = _plan(repo, LEG_NUMBER=3)
+    carried = [p for c in plan["calls"][:-1] for p in c["carry"] if p.startswith(".carry/p")]
+    assert third["rotation_offset"] == len(carried) % plan["parts_total"]
+    assert not set(carried[:2]) & {p for p in third["calls"][0]["carry"] if p.startswith(".carry/p")}
+    text = _leg(["plan"], repo)
+    assert text.returncode == 0 and text.stdout.rstrip().endswith("plan ok")
 
-    weights = "music2latent2/weights/m2l2-small.safetensors"
-    leg = ["bash", str(LEG_SH)]
-    park_env = dict(os.environ, LEG_ROOT=str(repo))
-    subprocess.run(leg + ["park"], cwd=repo, env=park_env, check=True, capture_output=True)
-    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()
-    assert weights not in tracked and (repo / weights).stat().st_size == 43_027_932
-    assert subprocess.run(["git", "check-ignore", "-q", weights], cwd=repo).returncode == 0
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
-                            text=True).stdout.split()
-    assert weights not in listed  # what the device tool sends
-    assert "still tracked" not in _plan(env, root=repo).stdout
-    subprocess.run(leg + ["unpark"], cwd=repo, env=park_env, check=True, capture_output=True)
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                          text=True).stdout.strip() == ""
+
+def test_plan_is_not_ok_without_wheels_parts_or_parking(tmp_path):
+    repo = _repo(tmp_path, corpus_mib=20)
+
+    def problems(**extra):
+        res, plan = _plan(repo, **extra)
+        assert (res.returncode == 1) == bool(plan["problems"])
+        return " | ".join(plan["problems"])
+
+    assert "still tracked" in problems()  # not parked: the weights would travel in every call
+    assert _leg(["park"], repo).returncode == 0
+    assert problems() == ""
+    text = _leg(["plan"], repo, LEG_START_S=400)  # too few training minutes at a 400 s start
+    assert text.returncode == 1 and "PROBLEM" in text.stdout and text.stdout.rstrip().endswith("plan NOT ok")
+    wheels = repo / ".whl"
+    (wheels / "soxr-0.5.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"w")
+    assert "holds soxr 0.5.0, 1.0.0" in problems() or "holds soxr 1.0.0, 0.5.0" in problems()
+    (wheels / "soxr-0.5.0-cp312-cp312-manylinux_2_17_x86_64.whl").unlink()
+    cffi = wheels / WHEELS[0]
+    cffi.rename(wheels / "cffi-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl")  # fetched for this machine's Python
+    assert "cannot install on the device" in problems()
+    for f in wheels.iterdir():
+        f.unlink()
+    assert "lacks soundfile==0.13.1" in problems()
+    for name in WHEELS:
+        (wheels / name).write_bytes(b"w" * 450_000)
+    big = repo / "runs" / "big.safetensors"  # a start file that fills call 1 to within a MiB of 64
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(int(61.6 * 2 ** 20))
+    assert "within 1 MiB of the 64 MiB limit" in problems(LEG_INIT="runs/big.safetensors")
+    assert "not a file inside the checkout" in problems(LEG_INIT="runs/missing.safetensors")
+    part = sorted((repo / ".carry").glob("p*"))[1]
+    info = json.loads((part / "part.json").read_text())
+    (part / "part.json").write_text(json.dumps({**info, "pack": "another"}))
+    assert "mixes parts of 2 packs" in problems()
+    for p in (repo / ".carry").iterdir():
+        subprocess.run(["rm", "-r", str(p)], check=True)
+    assert "no corpus parts" in problems()
 
 
-def test_lease_end_counts_held_s_and_the_time_since_the_last_call(tmp_path, monkeypatch):
-    leg = _leg_module()
-    monkeypatch.setenv("LEG_DIR", str(tmp_path))
-    for key in [k for k in os.environ if k.startswith("LEG_") and k != "LEG_DIR"]:
+def test_wheel_tags_are_read_as_the_devices_pip_reads_them():
+    plan = _load("leg_plan")
+    fits = plan.wheel_fits_device
+    for name in WHEELS:
+        assert fits(name) is None, name
+    assert "CPython 3.12" in fits("cffi-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl")
+    assert fits("soxr-1.0.0-cp310-abi3-manylinux_2_17_x86_64.whl") is None  # abi3 from 3.10 on runs on 3.12
+    assert fits("soxr-1.0.0-cp313-abi3-manylinux_2_17_x86_64.whl") is not None
+    assert "glibc" in fits("x-1.0-py3-none-manylinux_2_40_x86_64.whl")
+    assert fits("x-1.0-py3-none-macosx_11_0_arm64.whl") is not None
+    assert fits("x-1.0-py3-none-any.whl") is None and fits("not-a-wheel.zip") is not None
+
+
+def test_a_call_returns_after_its_slice_or_waits_for_the_end():
+    plan = _load("leg_plan")
+    t = plan.Timing()  # poll 240 s, the end within 240 + 150 s: wait for it
+    assert plan.call_deadline(1000, 1000 + 600, 240, t) == (1240, False)
+    assert plan.call_deadline(1000, 1000 + 380, 240, t) == (1380, True)
+    assert plan.call_deadline(1000, 1000 + 100, 240, t) == (1100, True)
+    # Never past what one command may wait.
+    assert plan.call_deadline(1000, 1000 + 700, 600, t) == (1000 + t.max_wait_s, False)
+
+
+def test_park_guards_commits_with_a_hook_until_unpark(tmp_path):
+    repo = _repo(tmp_path, corpus_mib=2, part_mib=1.5)
+    assert _leg(["park"], repo).returncode == 0
+    listed = _git(repo, "ls-files", "-co", "--exclude-standard").stdout.split()
+    assert WEIGHTS not in listed and (repo / WEIGHTS).stat().st_size == 43_027_932  # not sent, still here
+    (repo / "README.md").write_text("changed\n")
+    _git(repo, "add", "README.md")
+    commit = _git(repo, "commit", "-qm", "while parked")
+    assert commit.returncode != 0 and "is parked" in commit.stderr
+    assert WEIGHTS in _git(repo, "ls-tree", "-r", "--name-only", "HEAD").stdout  # the commit did not happen
+    assert _leg(["unpark"], repo).returncode == 0
+    assert _git(repo, "commit", "-qm", "after unpark").returncode == 0
+    assert WEIGHTS in _git(repo, "ls-tree", "-r", "--name-only", "HEAD").stdout
+    assert not (repo / ".git" / "hooks" / "pre-commit").exists()
+    hook = repo / ".git" / "hooks" / "pre-commit"  # someone else's hook is never overwritten
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    res = _leg(["park"], repo)
+    assert res.returncode != 0 and "not leg.sh's" in res.stderr and hook.read_text() == "#!/bin/sh\nexit 0\n"
+
+
+# --------------------------------------------------------------------------- the device side
+def test_lease_end_counts_budget_left_and_the_time_since_the_last_call(tmp_path, monkeypatch):
+    leg = _load("leg")
+    for key in [k for k in os.environ if k.startswith("LEG_")]:
         monkeypatch.delenv(key)
+    monkeypatch.setenv("LEG_DIR", str(tmp_path))
     now = time.time()
+    timing = leg.Timing()
+    # Call 1, before any call on this machine: the slowest machine start is assumed as well.
+    monkeypatch.setenv("LEG_BUDGET_LEFT_S", "900")
+    end = leg.lease_end(timing, now - 10)
+    assert end - now == pytest.approx(900 - (240 + 10 + 10) - 40, abs=2)
+    # A poll: budget_left_s of the latest reply less what passed since the last call here ended.
     (tmp_path / "last_call_end").write_text(f"{now - 30}\n")
-    monkeypatch.setenv("LEG_HELD_S", "100")
-    end = leg.lease_end(leg.Timing())
-    # 900 s budget - (100 s held + 30 s since that reply) - 45 s tail
-    assert end - now == pytest.approx(900 - 130 - 45, abs=2)
+    monkeypatch.setenv("LEG_BUDGET_LEFT_S", "500")
+    end = leg.lease_end(timing, now)
+    assert end - now == pytest.approx(500 - 30 - 40, abs=2)
     assert float((tmp_path / "end_by").read_text()) == pytest.approx(end, abs=0.1)
-    # Call 1, before any reply: the slowest machine start is assumed, measured from setup's start.
-    monkeypatch.delenv("LEG_HELD_S")
-    (tmp_path / "first_command").write_text(f"{now - 10}\n")
-    end = leg.lease_end(leg.Timing())
-    assert end - now == pytest.approx(900 - (240 + 10 + 10) - 45, abs=2)
-    monkeypatch.setenv("LEG_HELD_S", "soon")
-    with pytest.raises(SystemExit, match="held_s"):
-        leg.lease_end(leg.Timing())
+    monkeypatch.setenv("LEG_BUDGET_LEFT_S", "SECONDS_LEFT")  # the placeholder left in by mistake
+    with pytest.raises(SystemExit, match="budget_left_s"):
+        leg.lease_end(timing, now)
 
 
+def test_a_poll_on_a_fresh_machine_says_so_in_its_first_line(tmp_path):
+    home = tmp_path / "leg"
+    res = subprocess.run(["bash", str(LEG_SH), "poll"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=_env(LEG_DIR=home, OUT=tmp_path / "out", LEG_BUDGET_LEFT_S=400))
+    assert res.returncode == 3
+    assert res.stdout.splitlines()[0].startswith("FRESH MACHINE: no leg runs here")
+    assert "restart" in res.stdout.splitlines()[0]
+    assert (home / "last_call_end").is_file()  # the restart counts its device time from here
+
+
+FAKE_TRAINER = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[2])
+from music2latent2.training.pieces import split_file
+home, end_by = sys.argv[1], float(sys.argv[3])
+run = os.path.join(home, "run", "snapshots")
+os.makedirs(run, exist_ok=True)
+open(os.path.join(home, "run", "log.jsonl"), "w").write('{"step": 1}\n')
+open(os.path.join(home, "compile_cache.bin"), "wb").write(b"kernels" * 1000)
+open(os.path.join(home, "compile_cache.bin.json"), "w").write('{"device": "NVIDIA H100", "torch": "2.11.0"}')
+step, answered = 0, None
+
+def snapshot(token, final):
+    from pathlib import Path
+    folder = Path(run) / f"step-{step:08d}"
+    folder.mkdir(exist_ok=True)
+    blob = folder / "model.safetensors"
+    blob.write_bytes(os.urandom(3000))
+    import hashlib
+    sha = hashlib.sha256(blob.read_bytes()).hexdigest()
+    pieces = split_file(blob, folder, 1000)
+    blob.unlink()
+    json.dump({"format": "music2latent2-snapshot-1", "file": "model.safetensors", "size": 3000, "sha256": sha,
+               "step": step, "final": final, "request": token, "pieces": pieces}, open(folder / "pieces.json", "w"))
+    open(os.path.join(run, "LATEST"), "w").write(folder.name + "\n")
+
+while time.time() < end_by:
+    step += 1
+    try:
+        token = open(os.path.join(home, "snapshot_request")).read().strip()
+    except OSError:
+        token = None
+    if token and token != answered:
+        answered = token
+        snapshot(token, False)
+    time.sleep(0.05)
+step += 1
+snapshot(answered, True)
+time.sleep(1.5)  # still saving its state when the final snapshot is there
+"""
+
+
+def test_polls_return_a_requested_snapshot_then_the_final_one(tmp_path):
+    home, cache_dir = tmp_path / "leg", tmp_path / "device-cache"
+    home.mkdir()
+    end_by = time.time() + 6
+    (home / "end_by").write_text(f"{end_by}\n")
+    trainer = subprocess.Popen([sys.executable, "-c", FAKE_TRAINER, str(home), str(ROOT), str(end_by)],
+                               start_new_session=True)
+    (home / "pid").write_text(f"{trainer.pid}\n")
+    timing = dict(LEG_POLL_S=1, LEG_MIN_LAST_S=0, LEG_SNAPSHOT_S=1, LEG_TAIL_S=0, LEG_MAX_WAIT_S=30)
+
+    def poll(n, **extra):
+        out = tmp_path / f"out{n}"
+        res = subprocess.run(["bash", str(LEG_SH), "poll"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             env=_env(LEG_DIR=home, OUT=out, LEG_CARRY_DIR=tmp_path / "no-parts",
+                                      LEG_CACHE_DIR=cache_dir, **timing, **extra))
+        return res, out
+
+    # budget_left_s far beyond the trainer's own end: the poll takes its 1 s slice and asks.
+    res, out = poll(1, LEG_BUDGET_LEFT_S=10 ** 6)
+    assert res.returncode == 0, res.stdout + res.stderr
+    index = json.loads((out / "pieces.json").read_text())
+    assert index["format"] == SNAPSHOT_FORMAT and index["request"] and not index["final"]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"pieces.json", "model.safetensors.000", "model.safetensors.001", "model.safetensors.002",
+                     "log.jsonl", "train_tail.txt", "compile-cache.tar.gz"}
+    with tarfile.open(out / "compile-cache.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["compile_cache.bin", "compile_cache.bin.json"]
+    assert "training: running" in res.stdout
+    # Now the end is near: the poll waits for the final snapshot, and the cache is not sent twice.
+    (home / "end_by").write_text(f"{end_by}\n")
+    res, out = poll(2, LEG_BUDGET_LEFT_S=1)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((out / "pieces.json").read_text())["final"]
+    assert "compile-cache.tar.gz" not in {p.name for p in out.iterdir()}
+    assert "training: finished" in res.stdout
+    trainer.wait(timeout=30)
+
+
+def test_keep_joins_a_reply_without_torch_and_keeps_the_cache(tmp_path):
+    pieces_module = _load("leg")._pieces()
+    reply = tmp_path / "reply"
+    reply.mkdir()
+    blob = tmp_path / "model.safetensors"
+    blob.write_bytes(np.random.default_rng(0).bytes(5000))
+    import hashlib
+    pieces = split_file(blob, reply, 2000)
+    index = {"format": SNAPSHOT_FORMAT, "file": "model.safetensors", "size": 5000, "step": 7, "final": False,
+             "sha256": hashlib.sha256(blob.read_bytes()).hexdigest(), "pieces": pieces}
+    (reply / "pieces.json").write_text(json.dumps(index))
+    (reply / "log.jsonl").write_text('{"step": 7}\n')
+    environment = json.dumps({"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130"}).encode()
+    with tarfile.open(reply / "compile-cache.tar.gz", "w:gz") as tar:
+        for name, data in (("compile_cache.bin", gzip.compress(b"k" * 100)), ("compile_cache.bin.json", environment)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    into = tmp_path / "runs" / "leg2"
+    script = ("import runpy, sys; sys.argv = ['leg.py', 'keep', sys.argv[1], '--into', sys.argv[2]]\n"
+              "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+              "except SystemExit as e:\n    assert not e.code, e.code\n"
+              "assert 'torch' not in sys.modules and 'music2latent2' not in sys.modules, 'keep imported torch'\n"
+              % str(GPU / "leg.py"))
+    env = _env(LEG_CACHE_DIR=tmp_path / "cache", LEG_ROOT=ROOT)
+    res = subprocess.run([sys.executable, "-c", script, str(reply), str(into)], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (into / "latest.safetensors").read_bytes() == blob.read_bytes()
+    assert (into / "step-00000007.safetensors").is_file() and (into / "poll-01" / "pieces.json").is_file()
+    assert (into / "log.jsonl").is_file()
+    kept = list((tmp_path / "cache").glob("*.tar.gz"))
+    assert [p.name for p in kept] == ["NVIDIA-H100-80GB-HBM3--torch-2.11.0-cu130.tar.gz"]
+    # A corrupt piece: refused, and latest.safetensors stays what it was.
+    bad = reply / pieces[1]["name"]
+    bad.write_bytes(b"x" + bad.read_bytes()[1:])
+    res = subprocess.run([sys.executable, str(GPU / "leg.py"), "keep", str(reply), "--into", str(into)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode != 0 and "corrupt" in res.stderr and "latest.safetensors is unchanged" in res.stderr
+    assert (into / "latest.safetensors").read_bytes() == blob.read_bytes()
+    assert pieces_module.PIECES_NAME == "pieces.json"
+
+
+# --------------------------------------------------------------------------- continuation, ship check
 def test_continuation_reads_step_and_delta_from_the_metadata():
     assert continuation({"training_step": "2685", "training_delta": "0.0286"}, None, None, 0.01)[:3] == \
         (2685, 0.0286, 0.01)
@@ -247,33 +472,3 @@ def test_ship_check_needs_better_log_mel_and_nothing_worse(tmp_path):
     assert train_main(["ship-check", str(tmp_path / "s"), str(tmp_path / "c")]) == 3
 
 
-def test_poll_returns_the_snapshot_logs_and_the_compile_cache_once(tmp_path, monkeypatch):
-    leg = _leg_module()
-    for key in [k for k in os.environ if k.startswith("LEG_")]:
-        monkeypatch.delenv(key)
-    home = tmp_path / "leg"
-    snap = home / "run" / "snapshots" / "step-00000042"
-    snap.mkdir(parents=True)
-    for name in ("model.safetensors.000", "model.safetensors.001", "pieces.json"):
-        (snap / name).write_bytes(b"x" * 100)
-    (home / "run" / "snapshots" / "LATEST").write_text("step-00000042\n")
-    (home / "run" / "log.jsonl").write_text('{"step": 42}\n')
-    (home / "train.log").write_text("step 42/42\n")
-    (home / "compile_cache.bin").write_bytes(b"kernels" * 1000)
-    done = subprocess.Popen(["true"])
-    done.wait()  # a trainer that has ended
-    (home / "pid").write_text(f"{done.pid}\n")
-    (home / "exit_code").write_text("0\n")
-    monkeypatch.setenv("LEG_DIR", str(home))
-    for n, expect_cache in ((1, True), (2, False)):
-        out = tmp_path / f"out{n}"
-        monkeypatch.setenv("OUT", str(out))
-        assert leg.main(["poll", "5"]) == 0
-        names = sorted(p.name for p in out.iterdir())
-        expected = {"model.safetensors.000", "model.safetensors.001", "pieces.json", "log.jsonl", "train_tail.txt"}
-        assert set(names) == expected | ({leg.CACHE_NAME} if expect_cache else set())
-    import gzip
-    assert gzip.decompress((tmp_path / "out1" / leg.CACHE_NAME).read_bytes()) == b"kernels" * 1000
-    (home / "exit_code").write_text("1\n")  # a failed run: the poll still returns its files, and fails
-    monkeypatch.setenv("OUT", str(tmp_path / "out3"))
-    assert leg.main(["poll", "5"]) == 1 and (tmp_path / "out3" / "pieces.json").is_file()

@@ -52,10 +52,11 @@ def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, 
     per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks sharing this machine's cores
     sources = build_sources(cfg.data, mc.sample_rate, preload_bytes=int(cfg.cache_gb * 2 ** 30) if preload else 0,
                             threads=max(1, min(16, (os.cpu_count() or 1) // per_machine)), rank=ranks.rank,
-                            world_size=ranks.world_size)
+                            world_size=ranks.world_size, allow_empty=cfg.data_watch is not None)
     ranks.print("data" + (f" (rank 0's share of {ranks.world_size})" if ranks.distributed else "") + ": "
                 + describe_sources(sources))
-    crops = CropDataset(sources, mc.audio_channels, crop, gain_db=(cfg.gain_db[0], cfg.gain_db[1]))
+    crops = CropDataset(sources, mc.audio_channels, crop, gain_db=(cfg.gain_db[0], cfg.gain_db[1]),
+                        watch=cfg.data_watch)
     batches = StepBatches(crops, trainer.rank_batch_size, cfg.seed, start_step=trainer.step, rank=ranks.rank)
     workers = cfg.num_workers if num_workers is None else num_workers
     return make_step_loader(batches, workers, pin_memory=trainer.device.type == "cuda"), crop
@@ -113,7 +114,8 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
             cfg.total_steps = args.steps
         if args.max_minutes:
             cfg.max_minutes = args.max_minutes
-        cfg.end_file = args.end_file  # an end time belongs to one lease, not to the run: never reused
+        # An end time, a snapshot request and a growing corpus belong to one lease, not to the run.
+        cfg.end_file, cfg.snapshot_request, cfg.data_watch = args.end_file, args.snapshot_request, args.data_watch
         trainer = Trainer(cfg, device, model_config, ranks=ranks)
         load_state(trainer, out / STATE_NAME)
         say(f"resumed {out} at step {trainer.step}")
@@ -149,6 +151,8 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
                       eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
                       eval_files=args.eval_files, precision=args.precision, compile=args.compile,
                       compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
+                      compile_after_steps=args.compile_after, compile_deadline_s=args.compile_deadline_s,
+                      snapshot_request=args.snapshot_request, data_watch=args.data_watch,
                       optimizer=args.optimizer, channels_last=args.channels_last,
                       start_step=start_step, max_minutes=args.max_minutes, end_file=args.end_file,
                       calibrate_steps=args.calibrate_steps, reserve_minutes=args.reserve_minutes,
@@ -203,6 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                              on_snapshot=on_snapshot)
         if reason == "diverged":
             return 1
+        snapshots = cfg.snapshot_minutes is not None or cfg.snapshot_request is not None
+        if reason != "signal" and ranks.is_main and snapshots:
+            # The final weights, in pieces like the others, first: a lease's last poll waits for them.
+            on_snapshot(trainer, final=True)
         if reason != "steps":  # stopped between saves (the last step always saves): keep every step
             save_state(trainer, out / STATE_NAME)
         if reason == "signal":
@@ -210,8 +218,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{out / STATE_NAME}; run again with --resume to continue (bit for bit)")
             return 0
         if ranks.is_main:
-            if cfg.snapshot_minutes is not None:
-                on_snapshot(trainer)  # the final weights, in pieces like the others
             path = _export(trainer, loader, out / "final", fp16=False)
             print(f"exported EMA weights to {path}", flush=True)
     except (LostRank, RuntimeError) as err:
@@ -255,10 +261,11 @@ def _callbacks(cfg: TrainConfig, out: Path, loader, ranks: Ranks) -> tuple:
                 print(f"new best (log-mel {t.best_metric:.4f}) -> {out / 'best'}", flush=True)
             save_state(t, out / STATE_NAME)
 
-    def on_snapshot(t: Trainer) -> None:
+    def on_snapshot(t: Trainer, final: bool = False) -> None:
         snap = write_snapshot(t.ema, out / "snapshots", t.step, _latent_scale(t, loader),
-                              piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20), delta=t.delta_at(t.step))
-        print(f"snapshot step {t.step} -> {snap}", flush=True)
+                              piece_bytes=int(cfg.snapshot_piece_mib * 2 ** 20), delta=t.delta_at(t.step),
+                              final=final, extra={"request": t.snapshot_token, "speed": t.speed})
+        print(f"snapshot step {t.step}{' (final)' if final else ''} -> {snap}", flush=True)
 
     return on_save, on_eval, on_snapshot
 
@@ -384,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--compile-cache", default=None,
                    help="compiled kernels, read at start and written after compiling (default OUT/compile_cache.bin; "
                         "carry it to the next leg to skip most of the compile)")
+    t.add_argument("--compile-after", type=int, default=_DEFAULTS.compile_after_steps, metavar="STEPS",
+                   help="train this many steps eagerly before compiling; their speed is logged beside the "
+                        "compiled speed")
+    t.add_argument("--compile-deadline-s", type=float, default=_DEFAULTS.compile_deadline_s, metavar="SECONDS",
+                   help="a first compiled step still running after this long is abandoned and training goes on "
+                        "eagerly (a lease's minutes; one process only, not under torchrun)")
     t.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS,
                    help="radam_fused: the paper's RAdam steps on the fused Adam kernel (no host sync per step); "
                         "radam: torch's RAdam (one sync per step); adamw: plain fused Adam, no weight decay "
@@ -411,6 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--end-file", default=None, metavar="PATH",
                    help="a file holding the UNIX time to end by, re-read every 5 s: moving it moves the end "
                         "and re-lays the schedules (a device lease whose spent time is known only later)")
+    t.add_argument("--snapshot-request", default=None, metavar="PATH",
+                   help="a file whose every new content asks for a snapshot at the next step (a device poll "
+                        "that is about to return); the snapshot's pieces.json records that content")
+    t.add_argument("--data-watch", default=None, metavar="PATH",
+                   help="a file rewritten whenever new audio arrives in the --data folders: the loader then "
+                        "takes the new files in (folders may start empty; batches then depend on arrival times)")
     t.add_argument("--reserve-minutes", type=float, default=0.5,
                    help="part of --max-minutes kept free at the end for the final export")
     t.add_argument("--calibrate-steps", type=int, default=100, help="steps timed to lay out a --max-minutes budget")

@@ -9,7 +9,9 @@ in memory up to a byte budget; preloading before the DataLoader forks shares it 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +55,11 @@ def parse_data_spec(spec: str) -> Tuple[Path, float]:
 
 @dataclass
 class AudioSource:
-    """One data folder: its files, their lengths at the model rate, and a decoded-audio cache."""
+    """One data folder: its files, their lengths at the model rate, and a decoded-audio cache.
+
+    ``allow_empty``: a folder that is still being filled (a lease's corpus arriving part by part)
+    may start without files; :meth:`refresh` takes in what has arrived since.
+    """
 
     folder: Path
     weight: float
@@ -63,28 +69,71 @@ class AudioSource:
     cache: Dict[int, np.ndarray] = field(default_factory=dict)
     cache_budget: int = 0  # bytes of decoded audio this source may keep in memory
     cached_bytes: int = 0
+    allow_empty: bool = False
+    native_rates: List[int] = field(default_factory=list)  # each file's own rate (0: not known)
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.files:
-            for path in find_audio_files(self.folder):
-                try:
-                    info = sf.info(str(path))
-                except Exception:  # unreadable file: leave it out rather than fail mid-training
-                    continue
-                if info.frames > 0:
-                    self.files.append(path)
-                    self.lengths.append(int(info.frames * self.sample_rate / info.samplerate))
-        if not self.files:
+            self._add(find_audio_files(self.folder))
+        if len(self.native_rates) != len(self.files):  # files given by the caller: rates unknown
+            self.native_rates = [0] * len(self.files)
+        if not self.files and not self.allow_empty:
             raise ValueError(f"no readable audio files in {self.folder}")
+
+    def _add(self, paths: Sequence[Path]) -> int:
+        added = 0
+        for path in paths:
+            try:
+                info = sf.info(str(path))
+            except Exception:  # unreadable file: leave it out rather than fail mid-training
+                continue
+            if info.frames > 0:
+                self.files.append(path)
+                self.lengths.append(int(info.frames * self.sample_rate / info.samplerate))
+                self.native_rates.append(int(info.samplerate))
+                added += 1
+        return added
 
     def shard(self, rank: int, world_size: int) -> bool:
         """Keep every ``world_size``-th file from the ``rank``-th on (one data-parallel rank's share,
         so each rank decodes and caches only its own files). A folder with fewer files than ranks
         is left whole (every rank draws from all of it). Returns whether it was split."""
+        self.rank, self.world_size = rank, world_size
         if world_size <= 1 or len(self.files) < world_size:
             return False
         self.files, self.lengths = self.files[rank::world_size], self.lengths[rank::world_size]
+        self.native_rates = self.native_rates[rank::world_size]
         return True
+
+    def refresh(self) -> int:
+        """Take in audio files that appeared in the folder since it was scanned (this rank's share
+        of them, in sorted order). Returns how many were added."""
+        known = set(self.files)
+        new = [p for p in find_audio_files(self.folder) if p not in known]
+        if self.world_size > 1:
+            new = sorted(new)[self.rank::self.world_size]
+        return self._add(new)
+
+    def streamable(self, index: int, frames: int) -> bool:
+        """Whether windows of ``frames`` are read from the file rather than from its decoded
+        whole: a file not cached, at the model rate, and long enough."""
+        return index not in self.cache and self.native_rates[index] == self.sample_rate and \
+            self.lengths[index] >= frames
+
+    def read_window(self, index: int, start: int, frames: int) -> np.ndarray | None:
+        """``(C, frames)`` float32 from ``start`` without decoding the whole file; None where the
+        file cannot be read so (then :meth:`load` it). Libsndfile seeks within Vorbis, FLAC and
+        WAV: a 1.5 s window of a 3-minute Vorbis file took 5 ms here against 0.29 s for the
+        whole file, sample for sample the same audio."""
+        try:
+            data, _ = sf.read(str(self.files[index]), start=start, frames=frames, dtype="float32", always_2d=True)
+        except Exception:
+            return None
+        if data.shape[0] != frames:  # a length the header got wrong: decode it whole instead
+            return None
+        return np.ascontiguousarray(data.T)
 
     @property
     def seconds(self) -> float:
@@ -152,12 +201,18 @@ class CropDataset(IterableDataset):
             replays the same stream.
         gain_db: random gain range in dB applied after peak-normalising each crop.
         silence_db: crops whose RMS is below this (dBFS) are skipped.
+        watch: a file rewritten whenever new audio arrives in the sources' folders; at most every
+            ``watch_every_s`` each loader worker looks at it and, when it changed, rescans the
+            folders (:meth:`AudioSource.refresh`). New files are read window by window, not cached.
+            Which files a batch can draw from then depends on when they arrived, so batches are no
+            longer a function of the step alone (a lease's leg is never resumed bit for bit).
 
     The decoded-audio cache belongs to the sources (:func:`build_sources` sets its budget).
     """
 
     def __init__(self, sources: Sequence[AudioSource], audio_channels: int, crop: int, seed: int = 0,
-                 gain_db: Tuple[float, float] = (-12.0, 0.0), silence_db: float = -60.0) -> None:
+                 gain_db: Tuple[float, float] = (-12.0, 0.0), silence_db: float = -60.0,
+                 watch: str | os.PathLike | None = None, watch_every_s: float = 5.0) -> None:
         super().__init__()
         if not sources:
             raise ValueError("need at least one data source")
@@ -167,11 +222,47 @@ class CropDataset(IterableDataset):
         self.seed = seed
         self.gain_db = gain_db
         self.silence = 10 ** (silence_db / 20)
-        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
-        self.source_probs = weights / weights.sum()
+        self.watch = None if watch is None else Path(watch)
+        self.watch_every_s = watch_every_s
+        # Unknown at first: the first look rescans, so files that arrived between the folders'
+        # scan and this moment are not missed.
+        self._watch_stamp: Tuple[int, int] | None = None
+        self._watch_checked = time.monotonic()
+        self._weigh()
+        if not self.source_probs.sum() > 0:
+            raise ValueError("no audio in any data source yet")
+
+    def _weigh(self) -> None:
+        # Sources without files (still arriving) are not drawn from.
+        weights = np.array([s.weight if s.files else 0.0 for s in self.sources], dtype=np.float64)
+        self.source_probs = weights / weights.sum() if weights.sum() > 0 else weights
         # Files are drawn in proportion to their length, so every second of audio is equally likely.
-        self.file_probs = [np.maximum(np.array(s.lengths, dtype=np.float64), crop) for s in self.sources]
-        self.file_probs = [p / p.sum() for p in self.file_probs]
+        probs = [np.maximum(np.array(s.lengths, dtype=np.float64), self.crop) for s in self.sources]
+        self.file_probs = [p / p.sum() if p.size else p for p in probs]
+
+    def _stamp(self) -> Tuple[int, int] | None:
+        try:
+            st = self.watch.stat() if self.watch is not None else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_mtime_ns, st.st_size)
+
+    def take_in_new_files(self) -> int:
+        """Rescan the sources if the watch file changed; returns the number of files added."""
+        self._watch_checked = time.monotonic()
+        stamp = self._stamp()
+        if stamp == self._watch_stamp:
+            return 0
+        self._watch_stamp = stamp
+        before = sum(s.seconds for s in self.sources)
+        added = sum(s.refresh() for s in self.sources)
+        if added:
+            self._weigh()
+            info = get_worker_info()
+            if info is None or info.id == 0:  # one line per arrival, not one per worker
+                hours = sum(s.seconds for s in self.sources) / 3600
+                print(f"data: +{added} files (+{hours - before / 3600:.2f} h), {hours:.2f} h in all", flush=True)
+        return added
 
     def _channels(self, data: np.ndarray) -> np.ndarray:
         if self.audio_channels == 1:
@@ -180,24 +271,43 @@ class CropDataset(IterableDataset):
             return np.repeat(data, 2, axis=0)
         return data[:2]
 
+    def _window(self, source: AudioSource, index: int, rng: np.random.Generator) -> np.ndarray | None:
+        # The header's length of a file at the model rate is its decoded length, so the start is
+        # the one the whole-file path below would draw; only the window is read.
+        start = int(rng.integers(0, source.lengths[index] - self.crop + 1))
+        window = source.read_window(index, start, self.crop)
+        if window is None:  # not readable by window: the whole file, from the same start
+            try:
+                data = source.load(index)
+            except ValueError:
+                return None
+            if data.shape[-1] < start + self.crop:
+                return None
+            window = data[:, start:start + self.crop]
+        return self._channels(window).astype(np.float32, copy=True)
+
     def sample(self, rng: np.random.Generator, max_tries: int = 50) -> Tuple[np.ndarray, int]:
         """One crop ``(audio_channels, crop)`` and the index of the source it came from."""
+        if self.watch is not None and time.monotonic() - self._watch_checked >= self.watch_every_s:
+            self.take_in_new_files()
         for _ in range(max_tries):
             s = int(rng.choice(len(self.sources), p=self.source_probs))
             source = self.sources[s]
             f = int(rng.choice(len(source.files), p=self.file_probs[s]))
-            try:
-                data = source.load(f)
-            except ValueError:
-                continue
-            n = data.shape[-1]
-            if n >= self.crop:  # crop first, mix channels after: never copy a whole file per item
-                start = int(rng.integers(0, n - self.crop + 1))
-                out = self._channels(data[:, start:start + self.crop]).astype(np.float32, copy=True)
-            else:  # short file (a single note): place it at a random offset in silence
-                out = np.zeros((self.audio_channels, self.crop), dtype=np.float32)
-                start = int(rng.integers(0, self.crop - n + 1))
-                out[:, start:start + n] = self._channels(data)
+            out = self._window(source, f, rng) if source.streamable(f, self.crop) else None
+            if out is None:
+                try:
+                    data = source.load(f)
+                except ValueError:
+                    continue
+                n = data.shape[-1]
+                if n >= self.crop:  # crop first, mix channels after: never copy a whole file per item
+                    start = int(rng.integers(0, n - self.crop + 1))
+                    out = self._channels(data[:, start:start + self.crop]).astype(np.float32, copy=True)
+                else:  # short file (a single note): place it at a random offset in silence
+                    out = np.zeros((self.audio_channels, self.crop), dtype=np.float32)
+                    start = int(rng.integers(0, self.crop - n + 1))
+                    out[:, start:start + n] = self._channels(data)
             if float(np.sqrt(np.mean(out ** 2))) < self.silence:
                 continue  # near-silent: nothing to learn
             peak = float(np.abs(out).max())
@@ -277,20 +387,25 @@ def make_loader(dataset: CropDataset, batch_size: int, num_workers: int = 0,
 
 
 def build_sources(specs: Sequence[str], sample_rate: int = 44100, preload_bytes: int = 0,
-                  threads: int = 1, rank: int = 0, world_size: int = 1) -> List[AudioSource]:
+                  threads: int = 1, rank: int = 0, world_size: int = 1,
+                  allow_empty: bool = False) -> List[AudioSource]:
     """``["DIR[:WEIGHT]", ...]`` -> sources, optionally preloading decoded audio (``threads`` at a
     time); with ``world_size > 1`` each source keeps rank ``rank``'s share of its files
-    (:meth:`AudioSource.shard`) before anything is decoded."""
+    (:meth:`AudioSource.shard`) before anything is decoded. ``allow_empty``: folders still being
+    filled may hold no audio yet (at least one must)."""
     sources = []
     for spec in specs:
         folder, weight = parse_data_spec(spec)
         # The budget is split between sources and fixed here: workers (forked later) can then add
         # at most what is left of their source's share, never a whole budget each.
-        source = AudioSource(folder, weight, sample_rate, cache_budget=preload_bytes // max(len(specs), 1))
+        source = AudioSource(folder, weight, sample_rate, cache_budget=preload_bytes // max(len(specs), 1),
+                             allow_empty=allow_empty)
         source.shard(rank, world_size)
         if preload_bytes > 0:
             source.preload(threads)
         sources.append(source)
+    if not any(s.files for s in sources):
+        raise ValueError(f"no readable audio files in any of {list(specs)}")
     return sources
 
 

@@ -17,9 +17,17 @@ import torch
 
 from ..config import ModelConfig
 from ..distributed import LaunchEnv
-from ..fileio import atomic_write
 from ..latent_health import HEALTH_KEYS, latent_health
 from ..model import Music2Latent2
+from .compiling import (
+    SpeedProbe,
+    compile_deadline,
+    compile_environment,
+    deadline_in,
+    load_compile_cache,
+    save_compile_cache,
+    stop_compile_workers,
+)
 from .distributed import Ranks
 from .losses import (
     LOSS_WEIGHTINGS,
@@ -129,6 +137,8 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: str = "auto"  # the whole loss as one graph; auto = on CUDA (falls back to eager on failure)
     compile_cache: str | None = None  # compiled kernels read at start and written after compiling
+    compile_after_steps: int = 0  # eager steps first (their speed is recorded beside the compiled speed)
+    compile_deadline_s: float | None = None  # a compile still running after this long: train on eagerly
     optimizer: str = "radam_fused"  # RAdam's steps on the fused Adam kernel (see radam_rectification)
     channels_last: bool = False  # convolution weights and activations in NHWC
     start_step: int = 0
@@ -136,6 +146,8 @@ class TrainConfig:
     init_sha256: str | None = None
     max_minutes: float | None = None  # time budget: total_steps is set from the measured speed
     end_file: str | None = None  # a file holding the UNIX time to end by, re-read during the run (a lease's end)
+    snapshot_request: str | None = None  # a file whose change asks for a snapshot at the next step
+    data_watch: str | None = None  # a file whose change makes the loader take in new files of the data folders
     calibrate_steps: int = 100
     reserve_minutes: float = 0.5  # kept free at the end of the budget for the final export
     snapshot_minutes: float | None = None  # fp16 EMA snapshots in pieces, for machines that may vanish
@@ -162,6 +174,11 @@ class TrainConfig:
                      "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compile_after_steps < 0:
+            raise ValueError(f"compile_after_steps must be >= 0, got {self.compile_after_steps}")
+        if self.compile_deadline_s is not None and not (math.isfinite(self.compile_deadline_s)
+                                                        and self.compile_deadline_s > 0):
+            raise ValueError(f"compile_deadline_s must be a positive number of seconds, got {self.compile_deadline_s}")
         if not 0 <= self.start_step < self.total_steps:
             raise ValueError(f"need 0 <= start_step < total_steps, got {self.start_step} and {self.total_steps}")
         for name in ("max_minutes", "snapshot_minutes"):
@@ -278,6 +295,7 @@ class Trainer:
         self._skip_run = torch.zeros((), dtype=torch.int64, device=self.device)  # non-finite steps in a row
         self.stop_signal: str | None = None  # set by a signal handler: stop at the next agreed step
         self.samples_seen = 0
+        self.snapshot_token: str | None = None  # the snapshot request being answered (fit)
         self._steps_per_s: float | None = None  # measured when a time budget is calibrated
         self.best_metric: float | None = None
         # The last few training batches (CPU), for measuring the latent scale at export time
@@ -299,12 +317,20 @@ class Trainer:
         self._loss: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = self.parallel_loss
         self.compiled = config.compile == "on" or (config.compile == "auto" and self.device.type == "cuda")
         self.compile_seconds: float | None = None  # the first compiled step, compilation included
+        # What the run measured of its own speed and compile (SpeedProbe; it travels in snapshots).
+        self.speed: Dict[str, Any] = {"compile": "pending" if self.compiled else "off",
+                                      "batch_size": config.batch_size, "preset": config.preset,
+                                      **compile_environment(self.device)}
+        self.steps_run = 0  # steps this process has taken (a resumed run counts from 0 again)
+        self._compiled_loss: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]] | None = None
         if self.compiled:
-            self._load_compile_cache()
+            load_compile_cache(config.compile_cache, self.device, lambda line: print(line, flush=True))
             # fullgraph: a graph break would split the loss into pieces with host round trips;
             # better to fail (and fall back to eager) than to run that silently. Under DDP,
             # dynamo's DDPOptimizer splits the graph at the gradient buckets, keeping the overlap.
-            self._loss = torch.compile(self.parallel_loss, fullgraph=True, dynamic=False)
+            self._compiled_loss = torch.compile(self.parallel_loss, fullgraph=True, dynamic=False)
+            if config.compile_after_steps == 0:
+                self._loss = self._compiled_loss
 
     @property
     def skipped(self) -> int:
@@ -316,33 +342,30 @@ class Trainer:
         self._skipped.fill_(int(value))
 
     # ----------------------------------------------------------------- compilation
-    def _load_compile_cache(self) -> None:
-        path = self.config.compile_cache
-        if path is None or not Path(path).is_file():
-            return
-        try:
-            torch.compiler.load_cache_artifacts(Path(path).read_bytes())
-            self.ranks.print(f"compile cache: loaded {path}")
-        except Exception as err:  # a stale or torn cache costs a recompile, never the run
-            print(f"warning: compile cache {path} unusable ({type(err).__name__}: {err}); compiling afresh",
-                  flush=True)
-
     def save_compile_cache(self) -> Path | None:
-        """Write the compiled kernels to ``config.compile_cache`` (atomically), for the next leg."""
-        path = self.config.compile_cache
-        if path is None or not self.compiled:
+        """Write the compiled kernels to ``config.compile_cache`` (atomically, with the
+        environment they were made in beside them), for the next leg."""
+        if not self.compiled:
             return None
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is None:
-            return None
-        blob = artifacts[0]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(blob))
+        return save_compile_cache(self.config.compile_cache, self.device)
 
-    def _fall_back_to_eager(self, err: BaseException) -> None:
-        # A window of device time is better spent training eagerly than lost to a compiler bug.
-        print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
+    def _compile_due(self) -> bool:
+        return self.compiled and self.compile_seconds is None and self.steps_run >= self.config.compile_after_steps
+
+    def _fall_back_to_eager(self, err: BaseException, spent_s: float) -> None:
+        # A window of device time is better spent training eagerly than lost to a compiler bug
+        # or to a compile that takes longer than the window can give.
+        deadline = deadline_in(err)
+        if deadline is not None:
+            # (dynamo appends its own context to the exception's text: the first line is ours)
+            print(f"warning: {str(deadline).splitlines()[0]} (--compile-deadline-s): training eagerly", flush=True)
+            stop_compile_workers()
+            self.speed["compile"] = "deadline"
+        else:
+            print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
+            self.speed["compile"] = "failed"
+        self.speed["compile_seconds"] = spent_s
         self.optimizer.zero_grad(set_to_none=True)
         self._loss, self.compiled = self.parallel_loss, False
 
@@ -426,7 +449,11 @@ class Trainer:
             weight = weight * finite
         ema_params: List[torch.Tensor] = list(self.ema.parameters())
         params = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, weight.float())  # type: ignore[call-overload]  # tensor weight
+        # ema += w * (p - ema), with w a device tensor: torch._foreach_lerp_ takes a tensor weight
+        # only by reading it back to the host (one sync per step); _foreach_mul_ takes it as is.
+        step = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(step, weight.float())
+        torch._foreach_add_(ema_params, step)
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
@@ -440,22 +467,31 @@ class Trainer:
         # delta as a device tensor (a fill kernel, no copy from the host): the compiled graph
         # takes it as an input and never recompiles as the schedule moves.
         delta_t = torch.full((), delta, device=self.device)
-        first_compiled = self.compiled and self.compile_seconds is None
+        first_compiled = self._compile_due()
         t0 = time.perf_counter() if first_compiled else 0.0
+        if first_compiled:
+            assert self._compiled_loss is not None
+            self._loss = self._compiled_loss
+        # Under torchrun every rank must compile or none: no deadline there (one rank's timer
+        # could fire where another's does not).
+        deadline = self.config.compile_deadline_s if first_compiled and not self.ranks.distributed else None
         try:
-            loss, stats = self._loss(x, i_hi, eps, delta_t)
-            # backward() is harmless on a non-finite loss (the step is skipped, its grads unused).
-            loss.backward()
+            with compile_deadline(deadline):
+                loss, stats = self._loss(x, i_hi, eps, delta_t)
+                # backward() is harmless on a non-finite loss (the step is skipped, its grads unused).
+                loss.backward()
+                if first_compiled:
+                    synchronize_device(self.device)
         except Exception as err:
             if not first_compiled:
                 raise
-            self._fall_back_to_eager(err)
+            self._fall_back_to_eager(err, time.perf_counter() - t0)
             loss, stats = self._loss(x, i_hi, eps, delta_t)
             loss.backward()
             return loss, stats
         if first_compiled:
-            synchronize_device(self.device)
             self.compile_seconds = time.perf_counter() - t0
+            self.speed.update(compile="compiled", compile_seconds=self.compile_seconds)
             self.ranks.print(f"compiled the training loss in {self.compile_seconds:.1f} s")
             saved = self.save_compile_cache() if self.ranks.is_main else None
             if saved is not None:
@@ -486,6 +522,7 @@ class Trainer:
         loss_mean = self.ranks.mean(loss.detach().float(), "the training step")
         finite = torch.isfinite(loss_mean) & torch.isfinite(grad_norm)
         self.step += 1
+        self.steps_run += 1
         self.optimizer_steps += 1
         if self.device_skip:
             # The GradScaler protocol: the fused kernel leaves parameters, moments and the step
@@ -546,6 +583,11 @@ class Trainer:
         fix ``total_steps``, so a run stopped by its budget has finished its lr and consistency
         schedules; the budget is also a hard stop should the speed drop later.
 
+        With ``snapshot_request`` (a file), every change of its content asks for a snapshot at
+        the next step (``on_snapshot``, with :attr:`snapshot_token` set to that content): a poll
+        of a device lease gets weights as fresh as the moment it returns.
+        :attr:`speed` gathers the measured eager and compiled speed (:class:`SpeedProbe`).
+
         It also stops when :attr:`stop_signal` is set (a handler of SIGTERM or SIGUSR1: the
         caller saves the state) and after ``max_consecutive_skips`` non-finite steps in a row.
         In a data-parallel run every such decision is taken on rank 0's clock and agreed by all
@@ -562,11 +604,17 @@ class Trainer:
         t0, s0 = t_begin, self.step
         first = self.step
         calib_t: float | None = None
-        calib_steps = (first + 10, first + 10 + c.calibrate_steps) if c.max_minutes is not None else ()
         last_snapshot = t_begin
         ender = _EndFile(c.end_file, time.time()) if c.end_file and ranks.is_main else None
         if ender is not None:
-            ender.apply(self, None, 0.0)
+            ender.apply(self, None, 0.0)  # may set max_minutes: before the calibration steps are chosen
+        # The calibration times steps after the compile (if one is pending), not the compile itself.
+        calib_first = first + 10 + (c.compile_after_steps if self._compiled_loss is not None and self.compiled else 0)
+        calib_steps = (calib_first, calib_first + c.calibrate_steps) if c.max_minutes is not None else ()
+        request = _RequestFile(c.snapshot_request) if c.snapshot_request and ranks.is_main else None
+        probe = SpeedProbe(lambda: synchronize_device(self.device), c.batch_size,
+                           c.compile_after_steps if self.compiled and self.compile_seconds is None else None,
+                           self.speed) if ranks.is_main else None
         reason = "data"  # the loader ran dry
         for wav in batches:
             if self.step >= c.total_steps:
@@ -580,9 +628,9 @@ class Trainer:
                 now = time.perf_counter()
                 time_up = c.max_minutes is not None and now - t_begin > c.max_minutes * 60
                 if c.max_minutes is not None and not time_up:
-                    if self.step == first + 10:
+                    if self.step == calib_first:
                         calib_t = now
-                    elif calib_t is not None and self.step == first + 10 + c.calibrate_steps:
+                    elif calib_t is not None and self.step == calib_first + c.calibrate_steps:
                         self._steps_per_s = c.calibrate_steps / (now - calib_t)
                         self._calibrate(self._steps_per_s, now - t_begin)
                         calib_t = None
@@ -603,6 +651,9 @@ class Trainer:
             lr, delta = self.lr_at(self.step), self.delta_at(self.step)
             stats = self.step_on_device(wav)
             self.recent_batches.append(wav.detach().cpu())
+            line = probe.after_step(self.steps_run, self.compiled) if probe is not None else None
+            if line is not None:
+                print(line, flush=True)
             finite = stats["finite"]
             step_sums = torch.stack([torch.where(finite, stats[k].float(), 0.0) for k in _SUMMED]
                                     + [finite.float()])
@@ -627,8 +678,12 @@ class Trainer:
                 on_save(self)
             if on_eval is not None and (self.step % c.eval_every == 0 or self.step == c.total_steps):
                 on_eval(self)
-            if (on_snapshot is not None and ranks.is_main and c.snapshot_minutes is not None
-                    and time.perf_counter() - last_snapshot >= c.snapshot_minutes * 60):
+            requested = request is not None and time.perf_counter() - request.checked >= 1.0 and request.changed()
+            if requested:
+                assert request is not None
+                self.snapshot_token = request.token
+            if on_snapshot is not None and ranks.is_main and (requested or (
+                    c.snapshot_minutes is not None and time.perf_counter() - last_snapshot >= c.snapshot_minutes * 60)):
                 on_snapshot(self)
                 last_snapshot = time.perf_counter()
         return reason
@@ -655,6 +710,26 @@ class Trainer:
                       **{k: health[k] for k in HEALTH_KEYS if k in health}}
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class _RequestFile:
+    """A file whose every new content asks for one snapshot (a poll about to return)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.token: str | None = None  # the content last answered; a request already there at the start counts
+        self.checked = time.perf_counter()
+
+    def changed(self) -> bool:
+        self.checked = time.perf_counter()
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return False
+        if not text or text == self.token:
+            return False
+        self.token = text
+        return True
 
 
 class _EndFile:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import shutil
 import tarfile
 from pathlib import Path
@@ -57,14 +58,32 @@ def plan_parts(files: Sequence[Path], root: Path, part_bytes: int, seed: int = 0
     return parts
 
 
+def is_part_folder(path: Path) -> bool:
+    """``p<N>`` holding a ``part.json``: what :func:`pack` writes (and may replace)."""
+    return path.is_dir() and path.name[:1] == "p" and path.name[1:].isdigit() and (path / PART_JSON).is_file()
+
+
 def pack(corpus: Path, out: Path, part_mib: float, seed: int = 0, log=print) -> List[Path]:
-    """Write ``out/p1``, ``out/p2``, ... (replacing old parts in ``out``) and return their folders."""
+    """Write ``out/p1``, ``out/p2``, ... (replacing old parts in ``out``) and return their folders.
+
+    Every part records the same ``pack`` id, so a set mixed from two packs is recognisable.
+
+    Raises:
+        CorpusError: ``out`` holds anything but parts (nothing of the user's is replaced), or a
+            file is larger than a part.
+    """
     if not corpus.is_dir():
         raise CorpusError(f"corpus folder not found: {corpus}")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if not is_part_folder(p)) if out.is_dir() else [out.name]
+        if foreign:
+            raise CorpusError(f"{out} holds more than carry parts ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}): pack into an empty or new folder")
     files = sorted(f for f in corpus.rglob("*") if f.is_file() and not f.name.startswith("."))
     if not files:
         raise CorpusError(f"no files in {corpus}")
     groups = plan_parts(files, corpus, int(part_mib * 2 ** 20), seed)
+    pack_id = secrets.token_hex(8)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     folders = []
@@ -75,7 +94,7 @@ def pack(corpus: Path, out: Path, part_mib: float, seed: int = 0, log=print) -> 
             for f in group:
                 tar.add(f, arcname=f.relative_to(corpus).as_posix(), recursive=False)
         size = (folder / PART_TAR).stat().st_size
-        info: Dict[str, object] = {"part": n, "of": len(groups), "size": size,
+        info: Dict[str, object] = {"part": n, "of": len(groups), "pack": pack_id, "size": size,
                                    "sha256": file_digest(folder / PART_TAR),
                                    "files": [f.relative_to(corpus).as_posix() for f in group]}
         (folder / PART_JSON).write_text(json.dumps(info, indent=1) + "\n")
