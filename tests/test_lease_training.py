@@ -19,7 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from music2latent2.training import Trainer
 from music2latent2.training.__main__ import main as train_main
-from music2latent2.training.compiling import cache_environment_file, compile_environment, load_compile_cache
+from music2latent2.training.compiling import (
+    PROBE_STEPS,
+    SpeedProbe,
+    cache_environment_file,
+    compile_environment,
+    load_compile_cache,
+)
 from music2latent2.training.data import AudioSource, CropDataset, build_sources
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,6 +78,28 @@ def test_a_compile_cache_made_elsewhere_is_not_loaded(tmp_path):
     said.clear()
     assert not load_compile_cache(str(cache), torch.device("cpu"), said.append)
     assert "unusable" in said[0]
+
+
+def test_the_speed_probe_times_an_eager_and_a_compiled_window():
+    syncs, record = [], {}
+    probe = SpeedProbe(lambda: syncs.append(1), batch_size=4, compile_at=30, record=record)
+    lines = [probe.after_step(n, compiled_now=True) for n in range(1, 60)]
+    said = [line for line in lines if line]
+    assert len(said) == 2 and said[0].startswith("speed: eager") and said[1].startswith("speed: compiled")
+    assert "steps 5-30" in said[0] and f"steps 33-{33 + PROBE_STEPS}" in said[1]  # the compile step left out
+    assert len(syncs) == 4  # two per window, none in between
+    assert record["eager_samples_per_s"] == pytest.approx(4 * record["eager_steps_per_s"])
+    assert record["compiled_steps_per_s"] > 0
+    fell_back: dict = {}
+    probe = SpeedProbe(lambda: None, 4, compile_at=30, record=fell_back)
+    for n in range(1, 60):  # the compile fell back: no compiled speed is claimed
+        probe.after_step(n, compiled_now=False)
+    assert "eager_steps_per_s" in fell_back and "compiled_steps_per_s" not in fell_back
+    eager_only: dict = {}
+    probe = SpeedProbe(lambda: None, 4, compile_at=None, record=eager_only)
+    for n in range(1, 30):
+        probe.after_step(n, compiled_now=False)
+    assert set(eager_only) == {"eager_steps_per_s", "eager_samples_per_s"}
 
 
 def _audio_folder(path: Path, seconds: float, count: int, seed: int = 0, fmt: str = "flac") -> Path:

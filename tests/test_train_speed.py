@@ -199,6 +199,8 @@ def test_compiled_training_step_matches_eager_and_keeps_its_cache(tmp_path):
     for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
     assert cache.is_file() and cache.stat().st_size > 0
+    from music2latent2.training.compiling import cache_environment_file, compile_environment
+    assert json.loads(cache_environment_file(cache).read_text()) == compile_environment(torch.device("cpu"))
     again = Trainer(_config(compile="on", compile_cache=str(cache)))
     assert again.train_step(_batch(again))["loss"] == pytest.approx(
         Trainer(_config()).train_step(_batch(eager))["loss"], rel=1e-4)

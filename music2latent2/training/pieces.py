@@ -20,9 +20,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, Iterator, List, Union
 
-__all__ = ["PIECES_NAME", "SNAPSHOT_FORMAT", "PiecesError", "split_file", "read_index", "join_pieces"]
+__all__ = ["PIECES_NAME", "SNAPSHOT_FORMAT", "PiecesError", "split_file", "read_index", "check_pieces",
+           "join_pieces"]
 
 PIECES_NAME = "pieces.json"
 SNAPSHOT_FORMAT = "music2latent2-snapshot-1"
@@ -66,6 +67,31 @@ def read_index(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
     return index
 
 
+def _checked_pieces(src: Path, index: Dict[str, Any]) -> Iterator[bytes]:
+    """Each piece's bytes in order, its size and sha256 checked, then the whole file's sha256."""
+    digest = hashlib.sha256()
+    for piece in index["pieces"]:
+        path = src / piece["name"]
+        if not path.is_file():
+            raise PiecesError(f"snapshot piece missing: {path}")
+        data = path.read_bytes()
+        if len(data) != piece["size"] or hashlib.sha256(data).hexdigest() != piece["sha256"]:
+            raise PiecesError(f"snapshot piece {path} is corrupt (size or sha256 differs from {PIECES_NAME})")
+        digest.update(data)
+        yield data
+    if digest.hexdigest() != index["sha256"]:
+        raise PiecesError(f"joined snapshot {src} has sha256 {digest.hexdigest()}, expected {index['sha256']}")
+
+
+def check_pieces(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Check every piece of ``folder/pieces.json`` (sizes, sha256s, the whole file's) without
+    writing anything; returns the index. Raises :class:`PiecesError` as :func:`join_pieces` does."""
+    index = read_index(folder)
+    for _ in _checked_pieces(Path(folder), index):
+        pass
+    return index
+
+
 def join_pieces(folder: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Join the pieces listed in ``folder/pieces.json`` into ``out``, checking every size and
     sha256 and the whole file's; ``out`` appears only complete and verified (temp file, rename).
@@ -81,19 +107,9 @@ def join_pieces(folder: Union[str, os.PathLike], out: Union[str, os.PathLike]) -
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as dst:
-            for piece in index["pieces"]:
-                path = src / piece["name"]
-                if not path.is_file():
-                    raise PiecesError(f"snapshot piece missing: {path}")
-                data = path.read_bytes()
-                if len(data) != piece["size"] or hashlib.sha256(data).hexdigest() != piece["sha256"]:
-                    raise PiecesError(f"snapshot piece {path} is corrupt (size or sha256 differs from {PIECES_NAME})")
-                digest.update(data)
+            for data in _checked_pieces(src, index):
                 dst.write(data)
-        if digest.hexdigest() != index["sha256"]:
-            raise PiecesError(f"joined snapshot {src} has sha256 {digest.hexdigest()}, expected {index['sha256']}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:

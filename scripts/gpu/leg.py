@@ -481,10 +481,7 @@ def _copy_snapshot(run: Path, out: Path) -> Optional[Dict]:
         try:
             for f in folder.iterdir():
                 shutil.copyfile(f, out / f.name)
-            index = pieces.read_index(out)
-            pieces.join_pieces(out, out / ".check")
-            (out / ".check").unlink()
-            return index
+            return pieces.check_pieces(out)
         except (OSError, pieces.PiecesError):
             time.sleep(1)
     return None
