@@ -331,6 +331,44 @@ def test_polls_return_a_requested_snapshot_then_the_final_one(tmp_path):
     trainer.wait(timeout=30)
 
 
+SLOW_COMPILER = r"""
+import sys, time
+if sys.argv[sys.argv.index("--compile") + 1] == "on":
+    print("speed: eager 2.50 steps/s = 80.0 samples/s (steps 5-30 of this run)", flush=True)
+    print("compiling the training loss (step 31)", flush=True)
+    time.sleep(60)  # a compile that would outlive the deadline
+    sys.exit(5)
+assert "--compile-after" not in sys.argv and "--compile-cache" not in sys.argv
+print("eager run", " ".join(sys.argv[1:]), flush=True)
+"""
+
+
+def test_the_supervisor_stops_a_compile_past_its_deadline_and_goes_on_eagerly(tmp_path):
+    home = tmp_path / "leg"
+    (home / "run").mkdir(parents=True)
+    (home / "run" / "log.jsonl").write_text("{}\n")
+    cmd = [sys.executable, "-c", SLOW_COMPILER, "--compile", "on", "--compile-after", "30", "--compile-cache", "c.bin",
+           "--seed", "2"]
+    (home / "train_cmd.json").write_text(json.dumps(cmd))
+    t0 = time.time()
+    with open(home / "train.log", "wb") as log:
+        res = subprocess.run([sys.executable, str(GPU / "leg.py"), "supervise"], stdout=log, stderr=subprocess.STDOUT,
+                             env=_env(LEG_DIR=home, LEG_COMPILE_DEADLINE_S=1), timeout=60)
+    assert res.returncode == 0 and time.time() - t0 < 20  # not the 60 s the compile would have taken
+    text = (home / "train.log").read_text()
+    assert "compile deadline passed (1 s, LEG_COMPILE_DEADLINE_S)" in text
+    assert "eager run --seed 2 --compile off" in text
+    assert (home / "exit_code").read_text().strip() == "0"  # the eager run's status, not the killed one's
+    assert json.loads((home / "supervisor.json").read_text())["eager_samples_per_s"] == 80.0
+    assert (home / "run-compiling" / "log.jsonl").is_file()  # the stopped run's files, out of the new run's way
+
+
+def test_the_supervisor_knows_the_trainers_compile_lines():
+    from music2latent2.training import compiling
+    leg = _load("leg")
+    assert (leg.COMPILE_START, leg.COMPILE_DONE) == (compiling.COMPILE_START, compiling.COMPILE_DONE)
+
+
 def test_keep_joins_a_reply_without_torch_and_keeps_the_cache(tmp_path):
     pieces_module = _load("leg")._pieces()
     reply = tmp_path / "reply"

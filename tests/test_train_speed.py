@@ -187,7 +187,7 @@ def test_compile_modes_and_old_states():
     assert Trainer(_config()).config.optimizer == "radam_fused"  # the default
 
 
-def test_compiled_training_step_matches_eager_and_keeps_its_cache(tmp_path):
+def test_compiled_training_step_matches_eager_and_keeps_its_cache(tmp_path, capsys):
     """Inductor on CPU (the GPU path but for the device): two compiled steps against two eager
     steps, then a second trainer that starts from the cache the first one wrote."""
     cache = tmp_path / "compile_cache.bin"
@@ -196,6 +196,9 @@ def test_compiled_training_step_matches_eager_and_keeps_its_cache(tmp_path):
         a, b = eager.train_step(_batch(eager, step)), compiled.train_step(_batch(compiled, step))
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert compiled.compiled and compiled.compile_seconds is not None
+    from music2latent2.training.compiling import COMPILE_DONE, COMPILE_START
+    out = capsys.readouterr().out  # the lines a lease's supervisor times the compile by (scripts/gpu/leg.py)
+    assert f"{COMPILE_START} (step 1)" in out and COMPILE_DONE in out
     for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
     assert cache.is_file() and cache.stat().st_size > 0

@@ -151,7 +151,7 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
                       eval_every=args.eval_every, log_every=args.log_every, eval_seconds=args.eval_seconds,
                       eval_files=args.eval_files, precision=args.precision, compile=args.compile,
                       compile_cache=args.compile_cache or str(out / "compile_cache.bin"),
-                      compile_after_steps=args.compile_after, compile_deadline_s=args.compile_deadline_s,
+                      compile_after_steps=args.compile_after,
                       snapshot_request=args.snapshot_request, data_watch=args.data_watch,
                       optimizer=args.optimizer, channels_last=args.channels_last,
                       start_step=start_step, max_minutes=args.max_minutes, end_file=args.end_file,
@@ -394,9 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--compile-after", type=int, default=_DEFAULTS.compile_after_steps, metavar="STEPS",
                    help="train this many steps eagerly before compiling; their speed is logged beside the "
                         "compiled speed")
-    t.add_argument("--compile-deadline-s", type=float, default=_DEFAULTS.compile_deadline_s, metavar="SECONDS",
-                   help="a first compiled step still running after this long is abandoned and training goes on "
-                        "eagerly (a lease's minutes; one process only, not under torchrun)")
     t.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS,
                    help="radam_fused: the paper's RAdam steps on the fused Adam kernel (no host sync per step); "
                         "radam: torch's RAdam (one sync per step); adamw: plain fused Adam, no weight decay "

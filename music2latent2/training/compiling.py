@@ -1,97 +1,43 @@
-"""Compiling the training loss within a lease: a deadline, a cache that names its machine, and
-the measured speed with and without compilation.
+"""Compiling the training loss within a lease: a cache that names its machine, and the measured
+speed with and without compilation.
 
-A 15-minute GPU window cannot afford a compile of unknown length: :func:`compile_deadline`
-turns a compile still running after N seconds into an exception, and the trainer trains on
-eagerly (the same fallback as for a compiler error). A compile cache is only worth carrying to
-a machine with the same GPU and the same torch, Triton and CUDA builds (their versions are part
-of inductor's cache keys), so :func:`save_compile_cache` writes that environment beside the
-kernels and :func:`load_compile_cache` skips a cache made elsewhere. :class:`SpeedProbe` times a
-window of eager steps and one of compiled steps (two device syncs each), so a leg reports
-compile seconds against eager and compiled samples/s instead of assuming them.
-"""
+A compile cache is only worth carrying to a machine with the same GPU and the same torch,
+Triton and CUDA builds (their versions are part of inductor's cache keys), so
+:func:`save_compile_cache` writes that environment beside the kernels and
+:func:`load_compile_cache` skips a cache made elsewhere. :class:`SpeedProbe` times a window of
+eager steps and one of compiled steps (two device syncs each), so a leg reports compile seconds
+against eager and compiled samples/s instead of assuming them.
+
+A compile of unknown length is bounded from outside the process: the trainer prints
+:data:`COMPILE_START` when the first compiled step begins, and ``scripts/gpu/leg.py`` kills a run
+whose compile outlives its deadline and starts it again eagerly. (An exception raised into the
+compile by a timer signal was tried first: it can land in a callback from C++ that cannot pass
+it on, and the interpreter aborted.)"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import platform
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from ..fileio import atomic_write
 
-__all__ = ["CompileDeadline", "compile_deadline", "deadline_in", "compile_environment", "load_compile_cache",
+__all__ = ["COMPILE_START", "COMPILE_DONE", "compile_environment", "load_compile_cache",
            "save_compile_cache", "cache_environment_file", "SpeedProbe", "PROBE_STEPS"]
 
 PROBE_STEPS = 20  # steps per timed window
 _PROBE_SKIP = 5  # steps before a window (warm-up: allocator, cuDNN autotuning)
 
 
-class CompileDeadline(Exception):
-    """The first compiled step ran past ``compile_deadline_s`` (``seconds``)."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the first compiled step took longer than {seconds:g} s")
-        self.seconds = seconds
-
-
-@contextmanager
-def compile_deadline(seconds: Optional[float]) -> Iterator[None]:
-    """Raise :class:`CompileDeadline` inside the block once ``seconds`` have passed.
-
-    A SIGALRM timer: it works in the main thread of a POSIX process only, and elsewhere (or with
-    ``seconds`` None) the block runs without a deadline. The handler raises between Python
-    bytecodes, which is where dynamo and inductor spend a compile.
-    """
-    usable = (seconds is not None and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
-    assert seconds is not None
-
-    def on_alarm(signum: int, frame: object) -> None:
-        raise CompileDeadline(seconds)
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def deadline_in(err: BaseException) -> CompileDeadline | None:
-    """The :class:`CompileDeadline` behind ``err`` (dynamo wraps what its tracing raises), or None."""
-    seen = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, CompileDeadline):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def stop_compile_workers() -> None:
-    """Stop inductor's background compile processes (after a deadline they would go on using
-    the cores the data loader needs). A no-op where this torch has no such pool."""
-    try:
-        from torch._inductor import async_compile
-
-        stop: Optional[Callable[[], None]] = getattr(async_compile, "shutdown_compile_workers", None)
-        if stop is not None:
-            stop()
-    except Exception:  # best effort: never a reason to stop training
-        pass
+# Printed when the first compiled step begins: a supervising process (scripts/gpu/leg.py) times
+# the compile from this line and, past its deadline, restarts the run eagerly.
+COMPILE_START = "compiling the training loss"
+COMPILE_DONE = "compiled the training loss in"  # followed by the seconds it took
 
 
 def compile_environment(device: torch.device) -> Dict[str, Optional[str]]:

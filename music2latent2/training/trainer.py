@@ -20,13 +20,12 @@ from ..distributed import LaunchEnv
 from ..latent_health import HEALTH_KEYS, latent_health
 from ..model import Music2Latent2
 from .compiling import (
+    COMPILE_DONE,
+    COMPILE_START,
     SpeedProbe,
-    compile_deadline,
     compile_environment,
-    deadline_in,
     load_compile_cache,
     save_compile_cache,
-    stop_compile_workers,
 )
 from .distributed import Ranks
 from .losses import (
@@ -138,7 +137,6 @@ class TrainConfig:
     compile: str = "auto"  # the whole loss as one graph; auto = on CUDA (falls back to eager on failure)
     compile_cache: str | None = None  # compiled kernels read at start and written after compiling
     compile_after_steps: int = 0  # eager steps first (their speed is recorded beside the compiled speed)
-    compile_deadline_s: float | None = None  # a compile still running after this long: train on eagerly
     optimizer: str = "radam_fused"  # RAdam's steps on the fused Adam kernel (see radam_rectification)
     channels_last: bool = False  # convolution weights and activations in NHWC
     start_step: int = 0
@@ -176,9 +174,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.compile_after_steps < 0:
             raise ValueError(f"compile_after_steps must be >= 0, got {self.compile_after_steps}")
-        if self.compile_deadline_s is not None and not (math.isfinite(self.compile_deadline_s)
-                                                        and self.compile_deadline_s > 0):
-            raise ValueError(f"compile_deadline_s must be a positive number of seconds, got {self.compile_deadline_s}")
         if not 0 <= self.start_step < self.total_steps:
             raise ValueError(f"need 0 <= start_step < total_steps, got {self.start_step} and {self.total_steps}")
         for name in ("max_minutes", "snapshot_minutes"):
@@ -353,18 +348,10 @@ class Trainer:
         return self.compiled and self.compile_seconds is None and self.steps_run >= self.config.compile_after_steps
 
     def _fall_back_to_eager(self, err: BaseException, spent_s: float) -> None:
-        # A window of device time is better spent training eagerly than lost to a compiler bug
-        # or to a compile that takes longer than the window can give.
-        deadline = deadline_in(err)
-        if deadline is not None:
-            # (dynamo appends its own context to the exception's text: the first line is ours)
-            print(f"warning: {str(deadline).splitlines()[0]} (--compile-deadline-s): training eagerly", flush=True)
-            stop_compile_workers()
-            self.speed["compile"] = "deadline"
-        else:
-            print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
-            self.speed["compile"] = "failed"
+        # A window of device time is better spent training eagerly than lost to a compiler bug.
+        print(f"warning: torch.compile of the training loss failed ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly", flush=True)
+        self.speed["compile"] = "failed"
         self.speed["compile_seconds"] = spent_s
         self.optimizer.zero_grad(set_to_none=True)
         self._loss, self.compiled = self.parallel_loss, False
@@ -472,16 +459,13 @@ class Trainer:
         if first_compiled:
             assert self._compiled_loss is not None
             self._loss = self._compiled_loss
-        # Under torchrun every rank must compile or none: no deadline there (one rank's timer
-        # could fire where another's does not).
-        deadline = self.config.compile_deadline_s if first_compiled and not self.ranks.distributed else None
+            self.ranks.print(f"{COMPILE_START} (step {self.step + 1})")
         try:
-            with compile_deadline(deadline):
-                loss, stats = self._loss(x, i_hi, eps, delta_t)
-                # backward() is harmless on a non-finite loss (the step is skipped, its grads unused).
-                loss.backward()
-                if first_compiled:
-                    synchronize_device(self.device)
+            loss, stats = self._loss(x, i_hi, eps, delta_t)
+            # backward() is harmless on a non-finite loss (the step is skipped, its grads unused).
+            loss.backward()
+            if first_compiled:
+                synchronize_device(self.device)
         except Exception as err:
             if not first_compiled:
                 raise
@@ -492,7 +476,7 @@ class Trainer:
         if first_compiled:
             self.compile_seconds = time.perf_counter() - t0
             self.speed.update(compile="compiled", compile_seconds=self.compile_seconds)
-            self.ranks.print(f"compiled the training loss in {self.compile_seconds:.1f} s")
+            self.ranks.print(f"{COMPILE_DONE} {self.compile_seconds:.1f} s")
             saved = self.save_compile_cache() if self.ranks.is_main else None
             if saved is not None:
                 print(f"compile cache -> {saved}", flush=True)

@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,11 @@ from leg_plan import (  # noqa: E402  (scripts/gpu/leg_plan.py)
     read_cache_environment,
 )
 
+# The trainer's lines around its first compiled step (music2latent2/training/compiling.py; a test
+# checks that both sides agree: this script imports nothing of the package).
+COMPILE_START = "compiling the training loss"
+COMPILE_DONE = "compiled the training loss in"
+COMPILE_DEADLINE_LINE = "compile deadline passed"
 ROOT = Path(os.environ.get("LEG_ROOT") or Path(__file__).resolve().parents[2])  # LEG_ROOT: tests
 HOOK_MARK = "# music2latent2: leg.sh park"
 
@@ -376,7 +382,6 @@ def _train_command() -> List[str]:
            "--seed", str(int(env_float("LEG_NUMBER", 2)))]
     if env("LEG_COMPILE", "off") == "on":
         cmd += ["--compile", "on", "--compile-after", env("LEG_COMPILE_AFTER", "30"),
-                "--compile-deadline-s", env("LEG_COMPILE_DEADLINE_S", "150"),
                 "--compile-cache", str(leg / "compile_cache.bin")]
     else:
         cmd += ["--compile", "off"]
@@ -412,18 +417,17 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise SystemExit(f"{(end_by - time.time()) / 60:.2f} min left to train (< LEG_MIN_START_S "
                          f"{timing.min_start_s:g} s): not starting")
     cmd = _train_command()
-    (leg / "train_cmd.txt").write_text(" ".join(cmd) + "\n")
-    for name in ("exit_code", "returned.json", "snapshot_request"):
+    (leg / "train_cmd.json").write_text(json.dumps(cmd) + "\n")
+    for name in ("exit_code", "returned.json", "snapshot_request", "supervisor.json"):
         (leg / name).unlink(missing_ok=True)
-    shutil.rmtree(leg / "run", ignore_errors=True)
+    for name in ("run", "run-compiling"):
+        shutil.rmtree(leg / name, ignore_errors=True)
     log = open(leg / "train.log", "wb")
     # A new session: the device tool ends what a command leaves running, except such a process.
-    # The shell records the trainer's exit status for the polls.
-    script = 'python_status=0; "$@" || python_status=$?; echo "$python_status" > "$LEG_EXIT_FILE"'
-    e = child_env()
-    e["LEG_EXIT_FILE"] = str(leg / "exit_code")
-    proc = subprocess.Popen(["sh", "-c", script, "sh", *cmd], cwd=leg, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, env=e)
+    # The supervisor runs the trainer, bounds its compile and records its exit status (cmd_supervise).
+    proc = subprocess.Popen([python(), str(Path(__file__).resolve()), "supervise"], cwd=leg, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     (leg / "pid").write_text(f"{proc.pid}\n")
     waited = 0.0
     while waited < env_float("LEG_START_WAIT", 20) and proc.poll() is None:
@@ -435,6 +439,67 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 1
     print(f"training: started (pid {proc.pid})")
     return _wait_and_return(command_start, timing.first_s)
+
+
+def _run_trainer(cmd: List[str], deadline_s: Optional[float]) -> Optional[int]:
+    """Run the trainer (in a process group of its own, its output into train.log) to its end; with
+    ``deadline_s``, kill it once its first compiled step has run that long. Returns its exit
+    status, or None when it was killed at the deadline."""
+    leg = leg_dir()
+    log = leg / "train.log"
+    proc = subprocess.Popen(cmd, cwd=leg, env=child_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+    (leg / "trainer_pid").write_text(f"{proc.pid}\n")
+    offset, compiling_since = log.stat().st_size if log.is_file() else 0, None
+    while proc.poll() is None:
+        time.sleep(0.5)
+        if deadline_s is None:
+            continue
+        with open(log, "rb") as f:  # only what the trainer wrote since the last look
+            f.seek(offset)
+            new = f.read().decode(errors="replace")
+            offset = f.tell()
+        if COMPILE_DONE in new or "training eagerly" in new:
+            deadline_s = None  # compiled, or fell back by itself: nothing left to bound
+        elif compiling_since is None and COMPILE_START in new:
+            compiling_since = time.time()
+        if compiling_since is not None and deadline_s is not None and time.time() - compiling_since > deadline_s:
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers
+            proc.wait()
+            return None
+    return proc.returncode
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """(device, started by ``start``) Run the trainer; a compile past LEG_COMPILE_DEADLINE_S costs
+    that run (its steps so far and the compile), and the leg goes on eagerly from the same start
+    weights. The compile is bounded from outside because nothing can stop it safely inside the
+    process. Writes the exit status to LEG_DIR/exit_code for the polls."""
+    leg = leg_dir()
+    cmd = json.loads((leg / "train_cmd.json").read_text())
+    compiles = "--compile" in cmd and cmd[cmd.index("--compile") + 1] == "on"
+    deadline = env_float("LEG_COMPILE_DEADLINE_S", 150.0) if compiles else None
+    t0 = time.time()
+    status = _run_trainer(cmd, deadline)
+    if status is None:
+        spent = time.time() - t0
+        text = (leg / "train.log").read_text(errors="replace")
+        eager = re.findall(r"^speed: eager ([\d.]+) steps/s = ([\d.]+) samples/s", text, re.M)
+        record = {"compile": "deadline", "compile_deadline_s": deadline, "run_seconds": spent,
+                  "eager_steps_per_s": float(eager[-1][0]) if eager else None,
+                  "eager_samples_per_s": float(eager[-1][1]) if eager else None}
+        (leg / "supervisor.json").write_text(json.dumps(record) + "\n")
+        print(f"{COMPILE_DEADLINE_LINE} ({deadline:g} s, LEG_COMPILE_DEADLINE_S): the run was stopped after "
+              f"{spent:.0f} s and starts again eagerly from the same weights", flush=True)
+        os.replace(leg / "run", leg / "run-compiling")  # its snapshots would shadow the new run's
+        cut = cmd.index("--compile")
+        eager_cmd = [a for i, a in enumerate(cmd) if i not in (cut, cut + 1)]
+        for flag in ("--compile-after", "--compile-cache"):
+            if flag in eager_cmd:
+                i = eager_cmd.index(flag)
+                del eager_cmd[i:i + 2]
+        status = _run_trainer(eager_cmd + ["--compile", "off"], None)
+    (leg / "exit_code").write_text(f"{status}\n")
+    return 0
 
 
 def _exit_status() -> Optional[str]:
@@ -549,6 +614,8 @@ def _wait_and_return(command_start: float, slice_s: float) -> int:
     if speed.get("eager_samples_per_s") or speed.get("compile") not in (None, "pending", "off"):
         print("speed: " + json.dumps({k: speed[k] for k in sorted(speed) if k.endswith("_per_s")
                                       or k.startswith("compile") or k == "device"}))
+    if (leg / "supervisor.json").is_file():
+        print("speed of the run stopped at its compile deadline: " + (leg / "supervisor.json").read_text().strip())
     marks = (" (final)" if index and index.get("final") else "") + \
         (" (new)" if new else " (returned before)" if snap is not None else "")
     print(f"snapshot: {'none yet' if snap is None else f'step {snap}'}{marks}; "
@@ -592,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         func=cmd_start, device=True)
     sub.add_parser("poll", help="(device) take in new parts, move the end, return a fresh snapshot").set_defaults(
         func=cmd_poll, device=True)
+    sub.add_parser("supervise", help="(device, started by start) run the trainer, bound its compile").set_defaults(
+        func=cmd_supervise, device=False)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -329,7 +329,7 @@ def make_plan(root: Path, timing: Timing, leg: int) -> Dict:
             notes.append(f"compile cache carried: {why}")
         else:
             notes.append(f"compile on, cold: {why}; a compile past {env('LEG_COMPILE_DEADLINE_S', '150')} s "
-                         "trains on eagerly")
+                         "is stopped and the run starts again eagerly")
         cache_back = 1
     else:
         notes.append("compile off (the default until a GPU has measured cold compile seconds and compiled "
