@@ -1,6 +1,6 @@
 """Pre-encode an audio dataset to .m2l latents and compute latent statistics for generative modelling.
 
-    python examples/encode_dataset.py DATA_DIR LATENT_DIR --model CHECKPOINT [--device cuda]
+    python examples/encode_dataset.py DATA_DIR LATENT_DIR [--model CHECKPOINT] [--device cuda]
 
 1. Runs ``music2latent2 encode DATA_DIR -o LATENT_DIR`` (resumable: re-running skips finished
    files; ``--shard I/N`` splits the work across machines, then run once more with ``--stats-only``).
@@ -9,10 +9,11 @@
    ``LATENT_DIR/latent_stats.npz`` (arrays ``mean``, ``std`` of shape (d_lat,), ``count``) and
    ``latent_stats.json``. A diffusion/flow model is usually trained on ``(z - mean) / std``.
 
-Reading the latents back for training::
+Reading the latents back for training (examples/latent_model.py does it end to end)::
 
-    from music2latent2 import load_latents
-    z, meta = load_latents("LATENT_DIR/song.m2l")   # z: (C, 64, L); meta.length, meta.sample_rate...
+    from music2latent2 import LatentDataset
+    data = LatentDataset("LATENT_DIR", crop_chunks=16, normalize=True)  # items (64, 16 * 8)
+    # ... train; then decode what the model generates with data.denormalize(z) and encdec.decode
 """
 
 from __future__ import annotations
@@ -25,39 +26,27 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from music2latent2 import load_latents
+from music2latent2 import LatentDataset
 from music2latent2.cli import main as cli_main
 
 
 def latent_statistics(latent_dir: Path) -> Dict[str, object]:
-    """Per-dimension mean/std over every latent vector in every .m2l file below ``latent_dir``.
-
-    Sums are accumulated in float64, one file at a time, so memory stays at one file's latents.
-    """
-    files = sorted(p for p in latent_dir.rglob("*.m2l") if not p.name.startswith("."))
-    if not files:
-        raise ValueError(f"no .m2l files under {latent_dir}")
-    total = total_sq = None
-    count, seconds, models = 0, 0.0, set()
-    for path in files:
-        z, meta = load_latents(path)  # (C, d_lat, L)
-        vectors = z.transpose(1, 0, 2).reshape(z.shape[1], -1).astype(np.float64)  # (d_lat, C*L)
-        total = vectors.sum(1) if total is None else total + vectors.sum(1)
-        total_sq = (vectors ** 2).sum(1) if total_sq is None else total_sq + (vectors ** 2).sum(1)
-        count += vectors.shape[1]
-        seconds += meta.duration
-        models.add(meta.model_sha256 or meta.model_name)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
-    return {"mean": mean, "std": std, "count": count, "files": len(files), "hours": seconds / 3600,
-            "models": sorted(models)}
+    """Per-dimension mean/std over every latent vector of every sequence in every .m2l file below
+    ``latent_dir``: the statistics ``LatentDataset(latent_dir, normalize=True)`` standardises with."""
+    data = LatentDataset(latent_dir)  # every sequence of every file, whole; checks they share one model
+    stats = data.stats
+    seconds = sum(meta.duration for meta in data.metadata)
+    models = {meta.model_sha256 or meta.model_name for meta in data.metadata}
+    return {"mean": stats.mean.double().numpy(), "std": stats.std.double().numpy(), "count": stats.positions,
+            "files": len(data.files), "hours": seconds / 3600, "models": sorted(models)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir")
     parser.add_argument("latent_dir")
-    parser.add_argument("--model", required=True, help="manifest name or checkpoint file/directory")
+    parser.add_argument("--model", default=None,
+                        help="manifest name, checkpoint file/directory or Hub repo id (default: the bundled model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -67,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     status = 0
     if not args.stats_only:
-        cmd: List[str] = ["encode", args.data_dir, "-o", args.latent_dir, "--model", args.model,
+        cmd: List[str] = ["encode", args.data_dir, "-o", args.latent_dir,
                           "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        if args.model:
+            cmd += ["--model", args.model]
         if args.device:
             cmd += ["--device", args.device]
         if args.shard:

@@ -1,11 +1,12 @@
 """Linear probe on Music2Latent2 features: how much of a labelling do the embeddings carry?
 
-    python examples/mir_probe.py DATA_DIR --model CHECKPOINT [--features-dir FEATS] [--test-fraction 0.25]
+    python examples/mir_probe.py DATA_DIR [--model CHECKPOINT] [--features-dir FEATS] [--test-fraction 0.25]
 
 DATA_DIR holds one folder per class (``DATA_DIR/<label>/**/*.wav``; the label is the top-level
-folder name). Features come from ``music2latent2 features DATA_DIR -o FEATS --mono``: one .npy per
-file of shape (K*dim, chunks); they are averaged over chunks to one vector per file, standardised
-with training-set statistics, and a linear probe (multinomial logistic regression,
+folder name). Features come from ``music2latent2 features DATA_DIR -o FEATS --mono --clip``: one
+.npy per file of shape (1, K*dim), the per-chunk features averaged with each chunk weighted by its
+share of real audio (the zero padding of the last chunk gets no vote); standardised with
+training-set statistics, and a linear probe (multinomial logistic regression,
 :mod:`music2latent2.probe`, its L2 penalty chosen on a validation split of the training files)
 is fitted on a stratified, seeded train/test split. Prints train/test accuracy and the test
 macro AUC (one-vs-rest ROC AUC averaged over classes) next to the majority-class baseline.
@@ -50,14 +51,14 @@ def check_layout(data_dir: Path) -> str | None:
 
 
 def load_features(features_dir: Path) -> Tuple[np.ndarray, List[str]]:
-    """(files, K*dim) chunk-averaged features and each file's label (its top-level folder)."""
+    """(files, K*dim) clip features and each file's label (its top-level folder)."""
     xs, labels = [], []
     for path in sorted(features_dir.rglob("*.npy")):
         rel = path.relative_to(features_dir)
         if len(rel.parts) < 2:
             continue  # files directly in DATA_DIR have no label
-        feats = np.load(path)  # (K*dim, chunks) for mono audio
-        xs.append(feats.reshape(-1, feats.shape[-1]).mean(axis=-1))
+        feats = np.load(path)  # (1, K*dim): --mono --clip
+        xs.append(feats.reshape(-1, feats.shape[-1]).mean(axis=0))
         labels.append(rel.parts[0])
     if not xs:
         raise ValueError(f"no labelled feature files under {features_dir} (expected <label>/<file>.npy)")
@@ -81,7 +82,8 @@ def run_probe(x: np.ndarray, labels: List[str], test_fraction: float = 0.25, see
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir")
-    parser.add_argument("--model", required=True, help="manifest name or checkpoint file/directory")
+    parser.add_argument("--model", default=None,
+                        help="manifest name, checkpoint file/directory or Hub repo id (default: the bundled model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--features-dir", default=None, help="keep features here (default: a temp dir)")
     parser.add_argument("--test-fraction", type=float, default=0.25)
@@ -94,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         feats_dir = Path(args.features_dir or tmp)
-        cmd = ["features", args.data_dir, "-o", str(feats_dir), "--model", args.model, "--mono"]
+        cmd = ["features", args.data_dir, "-o", str(feats_dir), "--mono", "--clip"]
+        if args.model:
+            cmd += ["--model", args.model]
         if args.device:
             cmd += ["--device", args.device]
         status = cli_main(cmd)

@@ -12,13 +12,14 @@ timings can still be seen: the reconstruction is then not music.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import soundfile as sf
 import torch
 
-from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2
+from music2latent2 import EncoderDecoder, ModelConfig, Music2Latent2, clip_features
 from music2latent2.hub import WeightsNotAvailableError
 
 HERE = Path(__file__).resolve().parent
@@ -51,17 +52,19 @@ def main() -> None:
     print(f"input: {args.audio} ({info.channels} ch, {info.samplerate} Hz, {info.duration:.2f} s)")
 
     start = time.perf_counter()
-    latents = encdec.encode(args.audio)  # (C, 64, L), numpy
+    latents, gain = encdec.encode(args.audio, return_gain=True)  # (C, 64, L) numpy; the gain to the model's level
     t_enc = time.perf_counter() - start
+    k = encdec.config.summary_tokens
+    per_second = encdec.config.latents_per_second
     print(f"latents: {latents.shape} {latents.dtype}, std {latents.std():.3f}  "
-          f"({encdec.config.latents_per_second:.2f} sets of {encdec.config.summary_tokens} per second)")
+          f"({per_second:.2f} latent vectors per second = {per_second / k:.2f} sets of {k})")
 
+    length = math.ceil(info.frames * encdec.sample_rate / info.samplerate)  # samples at 44.1 kHz
     features = encdec.encode(args.audio, extract_features=True)  # (C, K*dim, chunks)
-    print(f"MIR features: {features.shape} -> clip embedding {features.mean(axis=-1).shape}")
+    print(f"MIR features: {features.shape} -> clip embedding {clip_features(features, length).shape}")
 
-    length = round(info.frames * encdec.sample_rate / info.samplerate)
     start = time.perf_counter()
-    recon = encdec.decode(latents, length=length, seed=0)  # (C, length) at 44.1 kHz
+    recon = encdec.decode(latents, length=length, gain=gain, seed=0)  # (C, length) at 44.1 kHz, the input's level
     t_dec = time.perf_counter() - start
     sf.write(args.out, recon.T, encdec.sample_rate)
     print(f"reconstruction: {recon.shape} -> {args.out}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import signal
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio, resample
 from .devices import resolve_device
 from .distributed import LaunchEnv, launch_env
+from .features import clip_features
 from .fileio import atomic_write, check_output_dir, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
 from .sampling import (
@@ -46,7 +46,7 @@ from .sampling import (
 
 __all__ = ["main", "build_parser", "collect_jobs", "shard_of", "AUDIO_EXTENSIONS"]
 
-_PROGRESS_EVERY_S = 30.0  # a rank's progress line in a log, under torchrun
+_PROGRESS_EVERY_S = 30.0  # a progress line in a log (no terminal: SLURM, nohup, torchrun ranks)
 
 COMMANDS = {  # command -> (input extensions, output suffix or None for --format)
     "encode": (AUDIO_EXTENSIONS, ".m2l"),
@@ -245,13 +245,6 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _fit_length(wav: torch.Tensor, length: int) -> torch.Tensor:
-    """Trim or zero-pad (C, T) to exactly ``length`` samples."""
-    if wav.shape[-1] >= length:
-        return wav[..., :length]
-    return torch.nn.functional.pad(wav, (0, length - wav.shape[-1]))
-
-
 class Runner:
     """Holds the model and per-run settings; ``process(job, loaded)`` writes one output and returns
     the seconds of audio it covered."""
@@ -274,38 +267,12 @@ class Runner:
 
     def _decode(self, latents: np.ndarray, meta: LatentMetadata) -> Tuple[np.ndarray, int]:
         """Latents -> (C, T) at --sr (default the original rate), exactly the original duration."""
-        cfg = self.cfg
-        for name in ("summary_tokens", "latent_dim"):
-            if getattr(meta, name) != getattr(cfg, name):
-                raise ValueError(f"latents have {name}={getattr(meta, name)} but the model has {getattr(cfg, name)}")
-        if not math.isclose(meta.latent_scale, cfg.latent_scale, rel_tol=1e-6):
-            raise ValueError(f"latents have latent_scale={meta.latent_scale} but the model has {cfg.latent_scale}")
-        if meta.model_audio_channels is not None and meta.model_audio_channels != cfg.audio_channels:
-            kinds = {1: "mono", 2: "stereo"}
-            raise ValueError(f"latents were made by a {kinds[meta.model_audio_channels]} model but this model is "
-                             f"{kinds[cfg.audio_channels]}: they would decode to the wrong number of channels; "
-                             f"decode them with a {kinds[meta.model_audio_channels]} checkpoint (--model)")
         if meta.model_sha256 and self.model_sha and meta.model_sha256 != self.model_sha and not self._warned_sha:
             print(f"warning: latents were made with model sha256 {meta.model_sha256[:12]}..., decoding with "
                   f"{self.model_sha[:12]}...", file=sys.stderr)
             self._warned_sha = True
-        # Known before any decoding: a stereo model gives 2 channels per sequence, a mono model 1.
-        out_channels = latents.shape[0] * cfg.audio_channels
-        downmix = meta.channels == 1 and cfg.audio_channels == 2 and out_channels == 2  # mono input, stereo model
-        if out_channels != meta.channels and not downmix:  # never write another channel count than the original's
-            raise ValueError(f"these latents ({latents.shape[0]} sequences) would decode to {out_channels} channels "
-                             f"with this {cfg.audio_channels}-channel model, but the original had {meta.channels}")
-        chunks = latents.shape[-1] // cfg.summary_tokens
-        n_model = min(math.ceil(meta.length * cfg.sample_rate / meta.sample_rate), chunks * cfg.chunk_samples)
-        wav = self.encdec.decode(torch.from_numpy(latents), length=n_model, denoising_steps=self.args.denoising_steps,
-                                 sigma_cond=self.args.sigma_cond, seed=self.args.seed,
-                                 gain=meta.gain)  # (C_out, n_model), seeded per file, at the original level
-        if downmix:
-            wav = wav.mean(dim=0, keepdim=True)
-        sr = self.args.sr or meta.sample_rate
-        length = meta.length if sr == meta.sample_rate else math.ceil(meta.length * sr / meta.sample_rate)
-        wav = _fit_length(resample(wav.float().cpu(), cfg.sample_rate, sr), length)
-        return wav.numpy(), sr
+        return self.encdec.decode_file((latents, meta), sr=self.args.sr, denoising_steps=self.args.denoising_steps,
+                                       sigma_cond=self.args.sigma_cond, seed=self.args.seed)  # seeded per file
 
     def _metadata(self, job: Job, audio: LoadedAudio, gain: float) -> LatentMetadata:
         cfg = self.cfg
@@ -327,8 +294,10 @@ class Runner:
         normalize = not self.args.no_normalize
         if cmd == "features":
             feats = ed.encode(audio.wav, sr=self.cfg.sample_rate, extract_features=True,
-                              normalize=normalize).float().cpu().numpy()
-            _write_npy(job.dst, feats[0] if feats.shape[0] == 1 else feats)  # mono: (K*dim, chunks)
+                              normalize=normalize).float().cpu().numpy()  # (C, K*dim, chunks), C = 1 for mono
+            if self.args.clip:
+                feats = clip_features(feats, audio.wav.shape[-1], self.cfg.chunk_samples)  # (C, K*dim)
+            _write_npy(job.dst, feats)
             return audio.seconds
         latents, gain = ed.encode(audio.wav, sr=self.cfg.sample_rate, normalize=normalize, return_gain=True)
         meta = self._metadata(job, audio, float(gain))
@@ -373,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         if name in ("encode", "features"):
             p.add_argument("--mono", action="store_true", help="average channels before encoding")
+        if name == "features":
+            p.add_argument("--clip", action="store_true",
+                           help="write one clip vector (C, D) per file: the chunk features averaged, each chunk "
+                                "weighted by its share of real audio (default: per-chunk features (C, D, chunks))")
         if name in ("encode", "features", "reconstruct"):
             p.add_argument("--no-normalize", action="store_true",
                            help="encode at the audio's own level (default: bring each file's peak to the model's "
@@ -571,11 +544,12 @@ def _run_shard(args: argparse.Namespace, index: int, num: int, env: LaunchEnv) -
 
     failures: List[Tuple[Path, str]] = []
     seconds, start = 0.0, time.perf_counter()
-    # Under torchrun each rank has its own bar, one line each on a terminal; in a log (no
-    # terminal) a plain line every _PROGRESS_EVERY_S instead.
+    # On a terminal a tqdm bar (under torchrun one per rank, a line each). tqdm turns itself off
+    # when stderr is not a terminal, where its carriage returns would garble a log; a SLURM or
+    # nohup log then gets a plain line every _PROGRESS_EVERY_S instead of nothing until the end.
     bar = tqdm(total=len(todo), unit="file", desc=f"{tag}{args.command}", disable=args.quiet or None,
                dynamic_ncols=True, position=env.local_rank if env.distributed else None)
-    log_lines = env.distributed and bar.disable and not args.quiet
+    log_lines = bool(bar.disable) and not args.quiet
     last_line = start
     interrupted, processed = False, 0
     try:
@@ -592,7 +566,9 @@ def _run_shard(args: argparse.Namespace, index: int, num: int, env: LaunchEnv) -
             rate = f"{seconds / 3600 / max(time.perf_counter() - start, 1e-9):.3g} audio-h/s"
             bar.set_postfix_str(rate)
             if log_lines and time.perf_counter() - last_line >= _PROGRESS_EVERY_S:
-                print(f"{tag}{args.command}: {processed}/{len(todo)} files, {rate}", file=sys.stderr, flush=True)
+                print(f"{tag}{args.command}: {processed}/{len(todo)} files, {len(failures)} failed, "
+                      f"{seconds / 3600:.3g} h of audio in {time.perf_counter() - start:.0f} s, {rate}",
+                      file=sys.stderr, flush=True)
                 last_line = time.perf_counter()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (see main)
         interrupted = True

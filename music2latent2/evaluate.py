@@ -3,11 +3,14 @@
 Encodes and decodes every audio file under DIR and reports, per file and on average, SI-SDR,
 the multi-resolution log-mel L1 distance, ViSQOL (audio mode, if ``visqol-python`` is
 installed and runs; otherwise null with the reason), the level of the reconstruction relative to
-the input (dB) overall and per octave band, the real-time factors of encode and decode (seconds of compute per second of
-audio), and the latent health of all files' latents together
-(:mod:`~music2latent2.latent_health`). Writes ``results.json`` and ``results.md`` (``--out``), and
-with ``--report DIR`` a self-contained HTML report with audio players, spectrograms and per-band
-levels (:mod:`~music2latent2.report`), optionally side by side with another (``--compare``).
+the input (dB) overall and per octave band, the speed of encode and decode in "x real time"
+(seconds of audio per second of compute: higher is faster, as in the README's speed tables;
+``encode_x_real_time`` and ``decode_x_real_time``; the mean row is the total audio over the
+total compute time), and the latent health of all files' latents together (:mod:`~music2latent2.latent_health`). Writes
+``results.json`` and ``results.md`` (``--out``), and with ``--report DIR`` a self-contained HTML
+report with audio players, spectrograms and per-band levels (:mod:`~music2latent2.report`),
+optionally side by side with another (``--compare``; an older report whose speeds are real-time
+factors, ``encode_rtf``/``decode_rtf``, is read as 1 / RTF).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .fileio import atomic_write
 from .inference import EncoderDecoder
 from .latent_health import HEALTH_KEYS, chunk_embeddings, latent_health
 from .metrics import band_level_error_db, multires_logmel_distance, octave_band_levels_db, si_sdr
-from .report import REPORT_AUDIO_FORMATS, ReportError, ReportWriter, load_report
+from .report import REPORT_AUDIO_FORMATS, SPEED_KEYS, ReportError, ReportWriter, load_report, overall_speed
 from .sampling import DEFAULT_DENOISING_STEPS, DEFAULT_SIGMA_COND
 
 __all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "evaluate_files", "model_info",
@@ -40,7 +43,7 @@ __all__ = ["AUDIO_EXTENSIONS", "find_audio_files", "ViSQOL", "evaluate_file", "e
 
 FileCallback = Callable[[Dict[str, Any], np.ndarray, np.ndarray], None]
 
-METRICS = ("si_sdr", "logmel_distance", "visqol", "level_db", "band_level_error_db", "encode_rtf", "decode_rtf")
+METRICS = ("si_sdr", "logmel_distance", "visqol", "level_db", "band_level_error_db", *SPEED_KEYS)
 
 
 def level_difference_db(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -103,11 +106,13 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
 
     Returns:
         {"file", "seconds", "channels", "si_sdr", "logmel_distance", "visqol", "visqol_error",
-        "level_db", "band_levels_db", "band_level_error_db", "encode_rtf", "decode_rtf",
+        "level_db", "band_levels_db", "band_level_error_db", "encode_x_real_time", "decode_x_real_time",
         "samples", "chunk_latents"} and, with ``return_audio``, "audio": the (input, reconstruction)
         pair the metrics compared, each (C, T) at the model's rate; ``band_levels_db`` is the
         per-octave-band level difference (:func:`~music2latent2.metrics.octave_band_levels_db`), ``chunk_latents`` is
-        (chunks, K, d_lat) for :func:`~music2latent2.latent_health.latent_health`, not a metric.
+        (chunks, K, d_lat) for :func:`~music2latent2.latent_health.latent_health`, not a metric;
+        ``*_x_real_time`` are seconds of audio per second of compute (higher is faster; None if
+        the clock measured no time at all).
     """
     data, sr = load_audio(path)
     sr_model = encdec.sample_rate
@@ -139,12 +144,17 @@ def evaluate_file(encdec: EncoderDecoder, path: Path, max_seconds: float | None 
     result["level_db"] = level_difference_db(data, rec)
     result["band_levels_db"] = octave_band_levels_db(data, rec, sr_model)
     result["band_level_error_db"] = band_level_error_db(result["band_levels_db"])
-    result["encode_rtf"] = (t1 - t0) / seconds
-    result["decode_rtf"] = (t2 - t1) / seconds
+    result["encode_x_real_time"] = _speed(seconds, t1 - t0)
+    result["decode_x_real_time"] = _speed(seconds, t2 - t1)
     result["chunk_latents"] = chunk_embeddings(z, encdec.config.summary_tokens)
     if return_audio:
         result["audio"] = (data, rec)
     return result
+
+
+def _speed(audio_seconds: float, compute_seconds: float) -> float | None:
+    """x real time: seconds of audio per second of compute."""
+    return audio_seconds / compute_seconds if compute_seconds > 0 else None
 
 
 def _mean(rows: Sequence[Dict[str, Any]], key: str) -> float | None:
@@ -166,7 +176,8 @@ def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: f
             (C, T) signals the metrics compared (the report draws and plays them).
 
     Returns:
-        {"files": [per-file dicts], "mean": {metric: value|None}, "band_levels_db": {band: mean
+        {"files": [per-file dicts], "mean": {metric: value|None} (for the speeds: all the audio
+        over all the compute time, not a mean of ratios), "band_levels_db": {band: mean
         over the files where it is not empty}, "latent_health": {...}}: the latent health of
         every file's latents taken together, each file a clip.
     """
@@ -184,7 +195,7 @@ def evaluate_files(encdec: EncoderDecoder, files: Sequence[Path], max_seconds: f
         rows.append(row)
         if verbose:
             print(f"{Path(path).name}: " + ", ".join(_fmt(k, row[k]) for k in METRICS), flush=True)
-    mean = {k: _mean(rows, k) for k in METRICS}
+    mean = {k: overall_speed(rows, k) if k in SPEED_KEYS else _mean(rows, k) for k in METRICS}
     bands = {band: _mean([r["band_levels_db"] for r in rows], band) for band in rows[0]["band_levels_db"]}
     health = {k: (v if math.isfinite(v) else None) for k, v in latent_health(clips).items()}
     return {"files": rows, "mean": mean, "band_levels_db": bands, "latent_health": health}
@@ -237,9 +248,10 @@ def _fmt(key: str, value: float | None) -> str:
 
 
 def markdown_table(report: Dict[str, Any]) -> str:
-    """Per-file rows and a mean row, as a markdown table."""
+    """Per-file rows and a mean row, as a markdown table (speeds in x real time: audio seconds per
+    compute second, higher is faster; their mean row is the total audio over the total compute)."""
     head = ("| file | seconds | SI-SDR (dB) | log-mel dist | ViSQOL | level (dB) | band level error (dB) | "
-            "encode RTF | decode RTF |")
+            "encode x real time | decode x real time |")
     lines = [head, "|" + " --- |" * (len(METRICS) + 2)]
 
     def cell(v: float | None) -> str:

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api_checks import ordinary
 from .devices import DeviceLike, resolve_device
+from .features import clip_features
 from .inference import EncoderDecoder
 from .levels import normalization_gain
 from .model import Music2Latent2
@@ -131,24 +133,27 @@ def _check_audio(audio: Union[torch.Tensor, np.ndarray], model: HearModel) -> to
     return audio.detach()
 
 
-@torch.inference_mode()
 def get_scene_embeddings(audio: Union[torch.Tensor, np.ndarray], model: HearModel) -> torch.Tensor:
-    """One embedding per sound: the chunk features averaged over the sound's chunks (paper, V-5).
+    """One embedding per sound: the chunk features averaged over the sound's chunks (paper, V-5),
+    each chunk weighted by its share of real audio (:func:`~music2latent2.features.clip_features`:
+    the zero padding of the last chunk gets no vote).
 
     Args:
         audio: (n_sounds, n_samples) mono audio at ``model.sample_rate``.
         model: from :func:`load_model`.
 
     Returns:
-        (n_sounds, model.scene_embedding_size) float32, on the audio's device.
+        (n_sounds, model.scene_embedding_size) float32, on the audio's device; an ordinary
+        tensor (not an inference tensor), so it can feed a trainable layer.
     """
-    wav = _check_audio(audio, model)
-    features = model.codec().encode(wav[:, None, :], model.sample_rate, extract_features=True)  # (B, 1, D, chunks)
-    # encode() brings each sound's peak to the model's input level: embeddings do not depend on the gain.
-    return features[:, 0].float().mean(dim=-1)  # (B, D)
+    with torch.inference_mode():
+        wav = _check_audio(audio, model)
+        # encode() brings each sound's peak to the model's input level: embeddings do not depend on the gain.
+        features = model.codec().encode(wav[:, None, :], sr=model.sample_rate, extract_features=True)  # (B, 1, D, n)
+        scene = clip_features(features[:, 0].float(), wav.shape[-1], model.network.config.chunk_samples)  # (B, D)
+    return ordinary(scene)
 
 
-@torch.inference_mode()
 def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
                              model: HearModel) -> Tuple[torch.Tensor, torch.Tensor]:
     """Embeddings centred on regularly spaced timestamps, every ``model.hop_ms`` from 0 ms.
@@ -163,8 +168,16 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
 
     Returns:
         embeddings (n_sounds, n_timestamps, model.timestamp_embedding_size) float32 and
-        timestamps (n_sounds, n_timestamps) in milliseconds, both on the audio's device.
+        timestamps (n_sounds, n_timestamps) in milliseconds, both on the audio's device (ordinary
+        tensors, not inference tensors).
     """
+    with torch.inference_mode():
+        result = _timestamp_embeddings(audio, model)
+    return ordinary(result)  # outside inference mode, or the copy would be an inference tensor too
+
+
+def _timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
+                          model: HearModel) -> Tuple[torch.Tensor, torch.Tensor]:
     wav = _check_audio(audio, model)
     # Each sound at the model's input level, by its own peak, as in get_scene_embeddings; the
     # passes below are then encoded as they are (a pass's own peak may differ from the sound's).
@@ -179,7 +192,7 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
     # beyond the end of a short sound.
     padded = F.pad(wav, (half, chunk))  # (B, half + T + chunk)
     passes = torch.stack([padded[:, o:o + length] for o in offsets], dim=1)  # (B, P, half + T)
-    features = model.codec().encode(passes.reshape(b * len(offsets), 1, -1), model.sample_rate,
+    features = model.codec().encode(passes.reshape(b * len(offsets), 1, -1), sr=model.sample_rate,
                                     extract_features=True, normalize=False)  # (B*P, 1, D, chunks)
     features = features.reshape(b, len(offsets), features.shape[-2], features.shape[-1]).float()
     chunks = features.shape[-1]

@@ -274,7 +274,8 @@ def _resolve_repo(repo_id: str, revision: Optional[str], sha256: Optional[str]) 
 def _resolve_local(given: Union[str, os.PathLike], sha256: Optional[str]) -> ModelSource:
     path = weights_path(given)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        where = f" (the folder {given} holds no {WEIGHTS_NAME})" if Path(given).is_dir() else ""
+        raise CheckpointError(f"checkpoint not found: {path}{where}")
     digest = verify_sha256(path, sha256) if sha256 is not None else sha256_file(path)
     return ModelSource(os.fspath(given), digest, path)
 

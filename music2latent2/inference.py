@@ -19,9 +19,20 @@ from typing import Any, ContextManager, Iterator, Literal, Optional, Tuple, Unio
 import numpy as np
 import torch
 
+from .api_checks import (
+    check_batch_size,
+    chunk_progress,
+    cpu_has_fast_bfloat16,
+    ignore_v1_memory_knob,
+    ordinary,
+    parse_precision,
+    refuse_positional,
+    require_int,
+)
 from .audio import AudioLike, check_finite, check_sample_rate, check_time_last, load_audio, resample, to_float_array
 from .config import ModelConfig
 from .devices import DeviceLike, resolve_device
+from .latents_io import LatentMetadata, load_latents
 from .levels import GainLike, check_gain, normalization_gain
 from .model import Music2Latent2, optimize_for_cpu
 from .sampling import (
@@ -43,10 +54,6 @@ DECODE_MODES = ("autoregressive", "parallel")
 # somewhat; beyond this many times the scale they are a mistake (and 1e30 overflows to NaN audio).
 LATENT_RANGE_FACTOR = 10.0
 
-PRECISIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
 @dataclass
 class _Batch:
     """Audio normalised to (B, C, T) float32 on the model device, and how to give results back."""
@@ -55,39 +62,6 @@ class _Batch:
     ndim: int
     kind: str  # "numpy" or "torch"
     device: torch.device
-
-
-def _parse_precision(precision: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(precision, torch.dtype):
-        if precision not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"precision must be float32, bfloat16 or float16, got {precision}")
-        return precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
-def _require_int(value: object, what: str) -> int:
-    """``value`` as an int, else a TypeError starting with ``what``. Floats such as 1.7 and bools are
-    refused rather than truncated by int()."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what}, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def _check_batch_size(size: object) -> int:
-    size = _require_int(size, "max_batch_size must be an integer")
-    if size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {size}")
-    return size
-
-
-def _cpu_has_fast_bfloat16() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions natively here (AVX-512 or AMX), not emulated."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class EncoderDecoder:
@@ -114,16 +88,22 @@ class EncoderDecoder:
         optimize_cpu: on a CPU, lay the model out for speed first (in place;
             :func:`~music2latent2.model.optimize_for_cpu`): the same function, to float rounding.
             False keeps the layout the model has.
+        load_path_inference: music2latent (v1)'s argument, refused with a message: v1
+            checkpoints are another model.
     """
 
     def __init__(self, model: Union[Music2Latent2, str, os.PathLike, None] = None,
                  device: DeviceLike = None, precision: Union[str, torch.dtype] = "float32",
                  max_batch_size: int = 32, compile: bool = False, revision: Optional[str] = None,
-                 optimize_cpu: bool = True) -> None:
+                 optimize_cpu: bool = True, load_path_inference: Optional[Any] = None) -> None:
+        if load_path_inference is not None:
+            raise TypeError("load_path_inference is music2latent (v1)'s checkpoint argument; music2latent2 is another "
+                            "model and cannot read v1 checkpoints. Pass a music2latent2 checkpoint, manifest name "
+                            "or Hub repo id as model=..., or nothing for the default model")
         # Cheap argument checks first: a typo should not cost a checkpoint read.
         self.device = resolve_device(device)
-        self.precision = _parse_precision(precision)
-        self.max_batch_size = _check_batch_size(max_batch_size)
+        self.precision = parse_precision(precision)
+        self.max_batch_size = check_batch_size(max_batch_size)
         if isinstance(model, Music2Latent2):
             if revision is not None:
                 raise ValueError("revision= selects a Hugging Face repo revision; it cannot apply to a loaded module")
@@ -132,7 +112,7 @@ class EncoderDecoder:
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu" and optimize_cpu:
             optimize_for_cpu(self.model)
-            if self.precision == torch.bfloat16 and not _cpu_has_fast_bfloat16():
+            if self.precision == torch.bfloat16 and not cpu_has_fast_bfloat16():
                 warnings.warn("this CPU has no AVX-512 or AMX, so oneDNN emulates bfloat16: it runs many "
                               "times slower than float32 here; use precision='float32'", stacklevel=2)
         self.compile = bool(compile)
@@ -166,7 +146,7 @@ class EncoderDecoder:
         return torch.autocast(device_type=self.device.type, dtype=self.precision)
 
     def _batch_size(self, max_batch_size: Optional[int]) -> int:
-        return self.max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
+        return self.max_batch_size if max_batch_size is None else check_batch_size(max_batch_size)
 
     # ----------------------------------------------------------------- input handling
     def _prepare_audio(self, audio: AudioLike, sr: int) -> _Batch:
@@ -209,30 +189,34 @@ class EncoderDecoder:
 
     # ----------------------------------------------------------------- encode
     # numpy arrays and file paths give numpy, tensors give tensors: the overloads tell type checkers.
+    # Everything after the audio is keyword-only: music2latent (v1) took other arguments in those
+    # places (encode's second was max_waveform_length, decode's denoising_steps), and v1 code
+    # must fail loudly rather than mean something else here.
     @overload
-    def encode(self, audio: Union[str, os.PathLike, np.ndarray], sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ..., normalize: bool = ...,
-               return_gain: Literal[False] = ...) -> np.ndarray: ...
+    def encode(self, audio: Union[str, os.PathLike, np.ndarray], *, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., return_gain: Literal[False] = ...,
+               progress: bool = ..., max_waveform_length: Optional[int] = ...) -> np.ndarray: ...
 
     @overload
-    def encode(self, audio: torch.Tensor, sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ..., normalize: bool = ...,
-               return_gain: Literal[False] = ...) -> torch.Tensor: ...
+    def encode(self, audio: torch.Tensor, *, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., return_gain: Literal[False] = ...,
+               progress: bool = ..., max_waveform_length: Optional[int] = ...) -> torch.Tensor: ...
 
     @overload
-    def encode(self, audio: Union[str, os.PathLike, np.ndarray], sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ..., normalize: bool = ..., *,
-               return_gain: Literal[True]) -> Tuple[np.ndarray, Union[float, np.ndarray]]: ...
+    def encode(self, audio: Union[str, os.PathLike, np.ndarray], *, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., return_gain: Literal[True],
+               progress: bool = ..., max_waveform_length: Optional[int] = ...
+               ) -> Tuple[np.ndarray, Union[float, np.ndarray]]: ...
 
     @overload
-    def encode(self, audio: torch.Tensor, sr: int = ..., extract_features: bool = ...,
-               max_batch_size: Optional[int] = ..., normalize: bool = ..., *,
-               return_gain: Literal[True]) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]: ...
+    def encode(self, audio: torch.Tensor, *, sr: int = ..., extract_features: bool = ...,
+               max_batch_size: Optional[int] = ..., normalize: bool = ..., return_gain: Literal[True],
+               progress: bool = ..., max_waveform_length: Optional[int] = ...
+               ) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]: ...
 
-    @torch.inference_mode()
-    def encode(self, audio: AudioLike, sr: int = 44100, extract_features: bool = False,
-               max_batch_size: Optional[int] = None, normalize: bool = True,
-               return_gain: bool = False) -> Any:
+    def encode(self, audio: AudioLike, *v1_positional: Any, sr: int = 44100, extract_features: bool = False,
+               max_batch_size: Optional[int] = None, normalize: bool = True, return_gain: bool = False,
+               progress: bool = False, max_waveform_length: Optional[int] = None) -> Any:
         """Encode audio into latents (or MIR features).
 
         Args:
@@ -249,16 +233,31 @@ class EncoderDecoder:
             return_gain: also return the gain applied (1.0 without ``normalize``): a float for
                 (T,) or (C, T) input, one per item for (B, C, T). ``decode(z, gain=gain)`` restores
                 the original level.
+            progress: show a progress bar over the chunks (for long single files).
+            max_waveform_length: music2latent (v1)'s memory knob, accepted and ignored with a
+                ``FutureWarning``: chunks are encoded ``max_batch_size`` at a time straight from
+                the waveform, so memory does not grow with the audio beyond its own buffers.
 
         Returns:
             Latents (C, d_lat, L) for (T,) or (C, T) input, (B, C, d_lat, L) for (B, C, T), with
             L = K * chunks and chunk t's K embeddings at positions K*t .. K*t+K-1; scaled by
             ``config.latent_scale``. C is 1 for (T,) input and for a stereo model. With
             ``extract_features``: (C, K * dim, chunks) (or with a leading B), the K summary
-            embeddings before the encoder's last linear layer, stacked. numpy in -> numpy out;
-            torch in -> torch out on the input's device; path in -> numpy out. With
-            ``return_gain``: ``(latents, gain)``.
+            embeddings before the encoder's last linear layer, stacked (pool them into one clip
+            vector with :func:`~music2latent2.features.clip_features`). numpy in -> numpy out;
+            torch in -> torch out on the input's device (ordinary tensors, usable in autograd);
+            path in -> numpy out. With ``return_gain``: ``(latents, gain)``.
         """
+        refuse_positional("encode", v1_positional,
+                           "in music2latent (v1) the second argument was max_waveform_length; pass sr=, "
+                           "extract_features=, max_batch_size=... by name")
+        ignore_v1_memory_knob(max_waveform_length)
+        with torch.inference_mode():
+            result = self._encode(audio, sr, extract_features, max_batch_size, normalize, return_gain, progress)
+        return ordinary(result)
+
+    def _encode(self, audio: AudioLike, sr: int, extract_features: bool, max_batch_size: Optional[int],
+                normalize: bool, return_gain: bool, progress: bool) -> Any:
         batch = self._prepare_audio(audio, sr)
         b = batch.wav.shape[0]
         wav = batch.wav
@@ -268,7 +267,7 @@ class EncoderDecoder:
         else:  # no copy of the audio when nothing is scaled
             gain = torch.ones(b, device=wav.device)
         seqs = self._sequences(wav)  # (S, ac, T)
-        latents, features = self._encode_sequences(seqs, self._batch_size(max_batch_size))
+        latents, features = self._encode_sequences(seqs, self._batch_size(max_batch_size), progress)
         out = features if extract_features else latents
         out = out.reshape(b, -1, *out.shape[1:])  # (B, C, ., .)
         result = self._give_back(out, batch.ndim, batch.kind, batch.device)
@@ -278,25 +277,30 @@ class EncoderDecoder:
             return result, float(gain[0])
         return result, gain.cpu().numpy() if batch.kind == "numpy" else gain.to(batch.device)
 
-    def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _encode_sequences(self, seqs: torch.Tensor, max_batch_size: int,
+                          progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """(S, ac, T) waveforms -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
         padded, _ = self.model.geometry.pad(seqs)
-        return self._encode_windows(self.model.geometry.windows(padded), max_batch_size)
+        return self._encode_windows(self.model.geometry.windows(padded), max_batch_size, progress)
 
-    def _encode_windows(self, windows: torch.Tensor, max_batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _encode_windows(self, windows: torch.Tensor, max_batch_size: int,
+                        progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """(S, ac, chunks, span(1)) chunk windows -> latents (S, d_lat, K*chunks), features (S, K*dim, chunks)."""
         cfg = self.config
         s, chunks = windows.shape[0], windows.shape[2]
         index = torch.arange(s * chunks, device=windows.device)
+        bar = chunk_progress(s * chunks, "encode", progress)
 
         def encode_group(idx: torch.Tensor) -> torch.Tensor:
             wav = windows[idx // chunks, :, idx % chunks]  # (n, ac, span)
             spec = self.model.spectral(wav)  # (n, 2ac, F, chunk_frames), float32
             with self._autocast():
                 z, feats = self.model.encode_chunks(spec)
+            bar.update(min(idx.shape[0], s * chunks - bar.n))  # padded rows are not chunks
             return torch.cat([z.float(), feats.float()], dim=-1)  # (n, K, d_lat + dim)
 
-        out = map_batches(encode_group, max_batch_size, index, pad=self.static_shapes)  # (S*chunks, K, d_lat + dim)
+        with bar:
+            out = map_batches(encode_group, max_batch_size, index, pad=self.static_shapes)  # (S*chunks, K, d_lat + dim)
         z, feats = out.split([cfg.latent_dim, cfg.dim], dim=-1)
         k = cfg.summary_tokens
         latents = z.reshape(s, chunks, k, cfg.latent_dim).permute(0, 3, 1, 2).reshape(s, cfg.latent_dim, chunks * k)
@@ -310,7 +314,8 @@ class EncoderDecoder:
         steps = check_denoising_steps(denoising_steps)
         sigma = check_sigma_cond(sigma_cond, self.config.sigma_min, self.config.sigma_max)
         if generator is None and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            seed = require_int(seed, "seed must be an integer")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         return steps, sigma, generator
 
     def _prepare_latents(self, latents: Union[np.ndarray, torch.Tensor]) -> _Batch:
@@ -340,23 +345,23 @@ class EncoderDecoder:
         return _Batch(z.float().to(self.device), z.ndim, kind, z.device)
 
     @overload
-    def decode(self, latents: np.ndarray, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
-               denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
-               generator: Optional[torch.Generator] = ..., mode: str = ...,
-               gain: Optional[GainLike] = ...) -> np.ndarray: ...
+    def decode(self, latents: np.ndarray, *, length: Optional[int] = ..., gain: Optional[GainLike] = ...,
+               max_batch_size: Optional[int] = ..., denoising_steps: int = ..., sigma_cond: float = ...,
+               seed: Optional[int] = ..., generator: Optional[torch.Generator] = ..., mode: str = ...,
+               progress: bool = ..., max_waveform_length: Optional[int] = ...) -> np.ndarray: ...
 
     @overload
-    def decode(self, latents: torch.Tensor, length: Optional[int] = ..., max_batch_size: Optional[int] = ...,
-               denoising_steps: int = ..., sigma_cond: float = ..., seed: Optional[int] = ...,
-               generator: Optional[torch.Generator] = ..., mode: str = ...,
-               gain: Optional[GainLike] = ...) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor, *, length: Optional[int] = ..., gain: Optional[GainLike] = ...,
+               max_batch_size: Optional[int] = ..., denoising_steps: int = ..., sigma_cond: float = ...,
+               seed: Optional[int] = ..., generator: Optional[torch.Generator] = ..., mode: str = ...,
+               progress: bool = ..., max_waveform_length: Optional[int] = ...) -> torch.Tensor: ...
 
-    @torch.inference_mode()
-    def decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int] = None,
-               max_batch_size: Optional[int] = None, denoising_steps: int = DEFAULT_DENOISING_STEPS,
-               sigma_cond: float = DEFAULT_SIGMA_COND,
+    def decode(self, latents: Union[np.ndarray, torch.Tensor], *v1_positional: Any, length: Optional[int] = None,
+               gain: Optional[GainLike] = None, max_batch_size: Optional[int] = None,
+               denoising_steps: int = DEFAULT_DENOISING_STEPS, sigma_cond: float = DEFAULT_SIGMA_COND,
                seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               mode: str = "autoregressive", gain: Optional[GainLike] = None) -> Union[np.ndarray, torch.Tensor]:
+               mode: str = "autoregressive", progress: bool = False,
+               max_waveform_length: Optional[int] = None) -> Union[np.ndarray, torch.Tensor]:
         """Decode latents to 44.1 kHz audio.
 
         ``mode="autoregressive"`` (default) is the paper's two-step autoregressive decoding
@@ -382,11 +387,28 @@ class EncoderDecoder:
             gain: what ``encode(..., return_gain=True)`` returned (a number, or one per batch
                 item): the audio is divided by it, back to the level of the original. Default:
                 the audio comes out at the model's ``input_peak_db`` level.
+            progress: show a progress bar over the chunks (for long single files).
+            max_waveform_length: music2latent (v1)'s memory knob, accepted and ignored with a
+                ``FutureWarning``: memory is flat in the audio length here.
 
         Returns:
-            (C * audio_channels, length) or (B, C * audio_channels, length) waveform; numpy for
-            numpy latents, torch on the latents' device for torch latents.
+            (C * audio_channels, length) or (B, C * audio_channels, length) waveform at 44.1 kHz;
+            numpy for numpy latents, torch on the latents' device for torch latents (an ordinary
+            tensor, usable in autograd). For a ``.m2l`` file, :meth:`decode_file` gives the
+            audio back at the original rate, length and level.
         """
+        refuse_positional("decode", v1_positional,
+                           "in music2latent (v1) the second argument was denoising_steps; pass "
+                           "denoising_steps=..., and length=... for the number of samples, by name")
+        ignore_v1_memory_knob(max_waveform_length)
+        with torch.inference_mode():
+            result = self._decode(latents, length, gain, max_batch_size, denoising_steps, sigma_cond, seed, generator,
+                                  mode, progress)
+        return ordinary(result)  # outside inference mode, or the copy would be an inference tensor too
+
+    def _decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int], gain: Optional[GainLike],
+                max_batch_size: Optional[int], denoising_steps: int, sigma_cond: float, seed: Optional[int],
+                generator: Optional[torch.Generator], mode: str, progress: bool) -> Union[np.ndarray, torch.Tensor]:
         if mode not in DECODE_MODES:
             raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         cfg = self.config
@@ -395,7 +417,7 @@ class EncoderDecoder:
         b, c = z.shape[:2]
         chunks = z.shape[-1] // cfg.summary_tokens
         total = chunks * cfg.chunk_samples
-        length = total if length is None else _require_int(length, "length must be an integer number of samples")
+        length = total if length is None else require_int(length, "length must be an integer number of samples")
         if not 0 < length <= total:
             raise ValueError(f"length must be in 1..{total} for {chunks} chunks of latents, got {length}")
         denoising_steps, sigma_cond, generator = self._sampler_options(denoising_steps, sigma_cond, seed, generator)
@@ -408,14 +430,68 @@ class EncoderDecoder:
             stream = sampler(self.model, seq, sigma_cond=sigma_cond, denoising_steps=denoising_steps,
                              generator=generator, max_batch_size=self._batch_size(max_batch_size),
                              pad=self.static_shapes)
-            wav = self._assemble(stream, b * c, chunks)
+            with chunk_progress(chunks, "decode", progress) as bar:
+                wav = self._assemble(stream, b * c, chunks, bar)
         # Reshape the contiguous buffer first, then crop: both are views, no copy of the audio.
         wav = self.model.geometry.crop(wav.reshape(b, c * cfg.audio_channels, -1), length)
         if restore is not None:
             wav = wav / restore[:, None, None]
         return self._give_back(wav, 3 if batch.ndim == 4 else 2, batch.kind, batch.device)
 
-    def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int) -> torch.Tensor:
+    def decode_file(self, source: Union[str, os.PathLike, Tuple[np.ndarray, LatentMetadata]], *,
+                    sr: Optional[int] = None, denoising_steps: int = DEFAULT_DENOISING_STEPS,
+                    sigma_cond: float = DEFAULT_SIGMA_COND, seed: Optional[int] = 0,
+                    generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
+                    mode: str = "autoregressive", progress: bool = False) -> Tuple[np.ndarray, int]:
+        """Decode a ``.m2l`` file back to the audio it was made from: rate, length, channels, level.
+
+        :meth:`decode` works at 44.1 kHz and knows nothing of the original; a file's
+        ``LatentMetadata.length`` counts samples at the original rate, so passing it as
+        ``decode(length=...)`` for a 48 kHz file would silently give the wrong duration. This
+        does the whole way back, as ``music2latent2 decode`` does.
+
+        Args:
+            source: a ``.m2l`` path, or the ``(latents, metadata)`` pair :func:`load_latents` returns.
+            sr: output sample rate; default the original's.
+            denoising_steps, sigma_cond, generator, max_batch_size, mode, progress: as :meth:`decode`.
+            seed: decoder noise seed; default 0, so the same file always decodes to the same audio
+                (None draws fresh noise).
+
+        Returns:
+            ``(wav, sr)``: float32 numpy (channels, samples) with the original channel count and
+            ``ceil(length * sr / original sr)`` samples (exactly ``length`` at the original rate),
+            at the original level (the gain stored at encoding is divided out).
+
+        Raises:
+            LatentFileError: a missing, corrupt or inconsistent file.
+            ValueError: latents made by a model of another kind (K, d_lat, latent_scale, channels).
+        """
+        if isinstance(source, (str, os.PathLike)):
+            latents, meta = load_latents(source)
+        elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], LatentMetadata):
+            latents, meta = source
+        else:
+            raise TypeError("source must be a .m2l path or the (latents, metadata) pair load_latents returns, got "
+                            f"{type(source).__name__}")
+        out_sr = meta.sample_rate if sr is None else check_sample_rate(sr, "sr")
+        cfg = self.config
+        z = torch.as_tensor(latents)
+        downmix = meta.check_model(int(z.shape[0]), cfg)
+        chunks = z.shape[-1] // cfg.summary_tokens
+        n_model = min(meta.model_length, chunks * cfg.chunk_samples)
+        wav = self.decode(z, length=n_model, gain=meta.gain, denoising_steps=denoising_steps, sigma_cond=sigma_cond,
+                          seed=seed, generator=generator, max_batch_size=max_batch_size, mode=mode,
+                          progress=progress)  # (C_out, n_model) at the original level
+        if downmix:
+            wav = wav.mean(dim=0, keepdim=True)
+        length = meta.length if out_sr == meta.sample_rate else -(-meta.length * out_sr // meta.sample_rate)
+        wav = resample(wav.float().cpu(), cfg.sample_rate, out_sr)[..., :length]
+        if wav.shape[-1] < length:  # resampler rounding: at most a few samples
+            wav = torch.nn.functional.pad(wav, (0, length - wav.shape[-1]))
+        return wav.numpy(), out_sr
+
+    def _assemble(self, stream: Iterator[Tuple[int, torch.Tensor]], sequences: int, chunks: int,
+                  bar: Optional[Any] = None) -> torch.Tensor:
         """Overlap-add finished spectrogram chunks into the padded waveform (S, ac, samples).
 
         Each chunk's finished samples go straight into one preallocated buffer (see
@@ -433,6 +509,8 @@ class EncoderDecoder:
         for t, spec in stream:
             with no_autocast:
                 out[..., t * cs:(t + 1) * cs] = ola.push(spec)
+            if bar is not None:
+                bar.update(1)
         with no_autocast:
             out[..., chunks * cs:] = ola.flush()
         return out

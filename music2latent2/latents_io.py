@@ -15,10 +15,11 @@ leaves a half-written ``.m2l`` under the final name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,8 +27,11 @@ import torch
 from .audio import check_sample_rate
 from .fileio import atomic_write, safetensors_problem
 
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
 __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentMetadata", "save_latents",
-           "load_latents"]
+           "load_latents", "read_latent_header"]
 
 LATENT_FORMAT = "music2latent2-latents"
 LATENT_FORMAT_VERSION = "3"
@@ -48,7 +52,9 @@ class LatentMetadata:
 
     Attributes:
         sample_rate: sample rate of the original audio (Hz).
-        length: length of the original audio in samples at ``sample_rate``.
+        length: length of the original audio in samples at ``sample_rate`` (not the model's
+            rate: :attr:`model_length` is the ``length=`` for ``decode``, and
+            ``EncoderDecoder.decode_file`` does the whole round trip).
         channels: channel count of the audio that was encoded.
         summary_tokens: K, latent vectors per chunk.
         latent_dim: d_lat, size of each latent vector.
@@ -102,6 +108,44 @@ class LatentMetadata:
     def duration(self) -> float:
         """Duration of the original audio in seconds."""
         return self.length / self.sample_rate
+
+    @property
+    def model_length(self) -> int:
+        """The original audio's length in samples at ``model_sample_rate`` (44.1 kHz), the ``length=``
+        to give :meth:`~music2latent2.EncoderDecoder.decode`; ``length`` counts the original rate."""
+        return -(-self.length * self.model_sample_rate // self.sample_rate)
+
+    def check_model(self, sequences: int, config: ModelConfig) -> bool:
+        """Check that a model with ``config`` decodes these latents to the original's channels.
+
+        Args:
+            sequences: C, latent sequences in the file (its tensor's first axis).
+            config: the decoding model's config.
+
+        Returns:
+            True when the output must be averaged to mono: a mono original encoded by a stereo
+            model (its input was duplicated to both sides).
+
+        Raises:
+            ValueError: latents of another K, d_lat, latent_scale or channel kind than the model's.
+        """
+        for name in ("summary_tokens", "latent_dim"):
+            if getattr(self, name) != getattr(config, name):
+                raise ValueError(f"latents have {name}={getattr(self, name)} but the model has {getattr(config, name)}")
+        if not math.isclose(self.latent_scale, config.latent_scale, rel_tol=1e-6):
+            raise ValueError(f"latents have latent_scale={self.latent_scale} but the model has {config.latent_scale}: "
+                             "they were made by another model")
+        kinds = {1: "mono", 2: "stereo"}
+        if self.model_audio_channels is not None and self.model_audio_channels != config.audio_channels:
+            raise ValueError(f"latents were made by a {kinds[self.model_audio_channels]} model but this model is "
+                             f"{kinds[config.audio_channels]}: they would decode to the wrong number of channels; "
+                             f"decode them with a {kinds[self.model_audio_channels]} checkpoint")
+        out_channels = sequences * config.audio_channels  # a stereo model gives 2 channels per sequence
+        downmix = self.channels == 1 and config.audio_channels == 2 and out_channels == 2
+        if out_channels != self.channels and not downmix:  # never another channel count than the original's
+            raise ValueError(f"these latents ({sequences} sequences) would decode to {out_channels} channels "
+                             f"with this {config.audio_channels}-channel model, but the original had {self.channels}")
+        return downmix
 
     def to_strings(self) -> Dict[str, str]:
         """The safetensors metadata dict (str -> str), format tag and version included."""
@@ -167,6 +211,16 @@ def save_latents(path: Union[str, os.PathLike], latents: Union[np.ndarray, torch
     return atomic_write(path, lambda tmp: save_file({TENSOR_NAME: tensor}, tmp, metadata=strings))
 
 
+def read_latent_header(path: Union[str, os.PathLike]) -> Tuple[Tuple[int, ...], LatentMetadata]:
+    """The tensor shape and metadata of a ``.m2l`` file, checked as :func:`load_latents` checks
+    them, without reading the latents (a scan of a large folder reads only the headers).
+
+    Raises:
+        LatentFileError: as :func:`load_latents`.
+    """
+    return _read(path, with_tensor=False)[1:]
+
+
 def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetadata]:
     """Read a ``.m2l`` file.
 
@@ -181,6 +235,13 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetad
         LatentFileError: missing/unreadable file or not a latent file at all, wrong format or
             version, or a tensor shape or length that disagrees with the metadata.
     """
+    tensor, _, metadata = _read(path, with_tensor=True)
+    assert tensor is not None
+    return tensor.float().numpy(), metadata
+
+
+def _read(path: Union[str, os.PathLike],
+          with_tensor: bool) -> Tuple[Optional[torch.Tensor], Tuple[int, ...], LatentMetadata]:
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -195,16 +256,17 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetad
             meta = f.metadata() or {}
             if TENSOR_NAME not in f.keys():
                 raise LatentFileError(f"latent file {p} has no {TENSOR_NAME!r} tensor")
-            tensor = f.get_tensor(TENSOR_NAME)
+            tensor = f.get_tensor(TENSOR_NAME) if with_tensor else None
+            shape = tuple(tensor.shape) if tensor is not None else tuple(f.get_slice(TENSOR_NAME).get_shape())
     except (SafetensorError, OSError, RuntimeError) as err:
         raise LatentFileError(f"cannot read latent file {p}: {err}") from err
     metadata = LatentMetadata.from_strings(meta, where=f"latent file {p}")
     if meta.get("format_version") == "1":  # before model_audio_channels: infer it where the shape tells
-        c = tensor.shape[0] if tensor.ndim == 3 else 0
+        c = shape[0] if len(shape) == 3 else 0
         inferred = 2 if c == 1 and metadata.channels >= 2 else 1 if c == metadata.channels >= 2 else None
         metadata = dataclasses.replace(metadata, model_audio_channels=inferred)
-    _check_shape(tuple(tensor.shape), metadata, f"latent file {p}")
-    return tensor.float().numpy(), metadata
+    _check_shape(shape, metadata, f"latent file {p}")
+    return tensor, shape, metadata
 
 
 def _check_shape(shape: Tuple[int, ...], meta: LatentMetadata, where: str) -> None:

@@ -34,7 +34,8 @@ import soundfile as sf
 from . import report_plots as plots
 from .audio import load_audio
 
-__all__ = ["REPORT_AUDIO_FORMATS", "RECONSTRUCTIONS", "ReportError", "PriorReport", "load_report", "ReportWriter"]
+__all__ = ["REPORT_AUDIO_FORMATS", "RECONSTRUCTIONS", "SPEED_KEYS", "ReportError", "PriorReport", "load_report",
+           "ReportWriter", "overall_speed", "upgrade_speed_keys"]
 
 REPORT_AUDIO_FORMATS = ("flac", "wav", "none")
 RECONSTRUCTIONS = "reconstructions"
@@ -45,7 +46,46 @@ METRIC_INFO: Dict[str, Tuple[str, str, int]] = {
     "si_sdr": ("SI-SDR", "dB", 1), "logmel_distance": ("log-mel distance", "", -1),
     "visqol": ("ViSQOL", "MOS-LQO, 1-5", 1), "level_db": ("level", "dB, recon - input", 0),
     "band_level_error_db": ("band level error", "dB, mean |band level|", -1),
-    "encode_rtf": ("encode RTF", "s per s of audio", -1), "decode_rtf": ("decode RTF", "s per s of audio", -1)}
+    "encode_x_real_time": ("encode x real time", "audio s per compute s, higher is faster", 1),
+    "decode_x_real_time": ("decode x real time", "audio s per compute s, higher is faster", 1)}
+
+# Speeds in "x real time" (audio seconds per compute second), and the keys older results hold
+# instead: real-time factors, compute seconds per audio second (their inverse).
+SPEED_KEYS = ("encode_x_real_time", "decode_x_real_time")
+_RTF_KEYS = {"encode_x_real_time": "encode_rtf", "decode_x_real_time": "decode_rtf"}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def overall_speed(rows: Sequence[Dict[str, Any]], key: str) -> Optional[float]:
+    """All the audio over all the compute time of the rows that have ``key`` (x real time): the
+    speed of the whole evaluation, which a mean of per-file ratios is not (short files would weigh
+    as much as long ones). None if no row has it."""
+    timed = [(r["seconds"], r["seconds"] / r[key]) for r in rows
+             if _positive(r.get(key)) and _positive(r.get("seconds"))]
+    if not timed:
+        return None
+    return sum(a for a, _ in timed) / sum(c for _, c in timed)
+
+
+def upgrade_speed_keys(results: Dict[str, Any]) -> Dict[str, Any]:
+    """Give results written before the speeds were in x real time (``encode_rtf``/``decode_rtf``:
+    compute seconds per audio second) the current keys, 1 / RTF, in place; returns ``results``.
+    Results that have the current keys are left as they are."""
+    rows = [r for r in results.get("files", []) if isinstance(r, dict)]
+    mean = results.get("mean") if isinstance(results.get("mean"), dict) else None
+    for key, old in _RTF_KEYS.items():
+        for row in rows:
+            if old in row and key not in row:
+                rtf = row.pop(old)
+                row[key] = 1.0 / rtf if _positive(rtf) else None
+        if mean is not None and old in mean and key not in mean:
+            rtf = mean.pop(old)
+            mean[key] = overall_speed(rows, key) if any(_positive(r.get(key)) for r in rows) else (
+                1.0 / rtf if _positive(rtf) else None)
+    return results
 
 
 class ReportError(ValueError):
@@ -72,7 +112,7 @@ def load_report(path: str | os.PathLike) -> PriorReport:
     if not results_file.is_file():
         raise ReportError(f"--compare {folder}: no results.json there; name a folder written by --report")
     try:
-        results = json.loads(results_file.read_text(encoding="utf-8"))
+        results = upgrade_speed_keys(json.loads(results_file.read_text(encoding="utf-8")))
         rows = {r["key"]: r for r in results["files"] if r.get("reconstruction")}
     except (ValueError, KeyError, TypeError) as err:
         raise ReportError(f"--compare {folder}: results.json is not a report's ({type(err).__name__}: {err}); "

@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .api_checks import inference_api
 from .audio import check_finite, to_float_array
 from .inference import EncoderDecoder
 from .levels import check_gain
@@ -108,7 +109,7 @@ class StreamingEncoder:
         self.samples = 0  # samples pushed so far (per channel)
         self.chunks = 0  # chunks emitted so far
 
-    @torch.inference_mode()
+    @inference_api
     def push(self, audio: ArrayLike) -> ArrayLike:
         """Add a block of audio; returns the latents (or features) of every chunk it completed."""
         if self._finished:
@@ -133,7 +134,7 @@ class StreamingEncoder:
         ready = max(0, (self._buffer.shape[-1] - g.overhang) // g.chunk_samples)
         return self._emit(ready)
 
-    @torch.inference_mode()
+    @inference_api
     def flush(self) -> ArrayLike:
         """End the stream: encode the chunks still open, zero-padded as ``encode`` pads."""
         if self._finished:
@@ -219,7 +220,7 @@ class StreamingDecoder:
         self._finished = False
         self.chunks = 0
 
-    @torch.inference_mode()
+    @inference_api
     def push(self, latents: ArrayLike) -> ArrayLike:
         """Add the latents of zero or more chunks; returns the audio that is now final."""
         if self._finished:
@@ -256,7 +257,7 @@ class StreamingDecoder:
         self.chunks += chunks
         return self._give_back(finished)
 
-    @torch.inference_mode()
+    @inference_api
     def flush(self) -> ArrayLike:
         """End the stream: the last chunk (refined mode) and the final STFT overhang."""
         if self._finished:

@@ -120,6 +120,8 @@ def _rewrite(src: Path, dst: Path, config: dict | None = None, tensors: dict | N
         meta = dict(f.metadata())
     if config is not None:
         meta["config"] = json.dumps(config)
+    if tensors is not None:  # new tensors: the recorded content hash would (rightly) refuse them first
+        meta.pop("content_sha256", None)
     save_file(tensors if tensors is not None else load_file(str(src)), str(dst), metadata=meta)
     return dst
 

@@ -122,8 +122,18 @@ def test_reconstruct_and_features(dataset: Path, model_dir: Path, encdec: Encode
         audio, _ = sf.read(dataset / name, dtype="float32", always_2d=True)
         expected = encdec.encode(audio.T, sr=sr, extract_features=True)  # (C, K*dim, chunks)
         chunks = GEOMETRY.num_chunks(math.ceil(len(audio) * 44100 / sr))
-        assert feats.shape == ((8 * 32, chunks) if ch == 1 else (ch, 8 * 32, chunks))
-        np.testing.assert_allclose(feats, expected[0] if ch == 1 else expected, atol=1e-5)
+        assert feats.shape == (ch, 8 * 32, chunks)  # the same layout for mono and stereo files
+        np.testing.assert_allclose(feats, expected, atol=1e-5)
+    # --clip: one vector per file and channel, each chunk weighted by its share of real audio.
+    assert _run(["features", str(dataset), "-o", str(tmp_path / "clip"), "--clip", "--workers", "0"], model_dir) == 0
+    for name, (sr, _, ch) in FILES.items():
+        clip = np.load(tmp_path / "clip" / Path(name).with_suffix(".npy"))
+        feats = np.load(tmp_path / "feat" / Path(name).with_suffix(".npy"))
+        n = sf.info(str(dataset / name)).frames
+        n_model = math.ceil(n * 44100 / sr)
+        share = np.clip(n_model - np.arange(feats.shape[-1]) * 32768, 0, 32768) / 32768
+        assert clip.shape == (ch, 8 * 32)
+        np.testing.assert_allclose(clip, (feats * share).sum(-1) / share.sum(), atol=1e-5)
 
 
 def test_bad_inputs_are_reported_and_skipped(dataset: Path, model_dir: Path, tmp_path: Path,

@@ -69,3 +69,19 @@ def test_mir_probe_runs_and_fits(setup: tuple) -> None:
     y = np.repeat([0, 1, 2], 20)
     synthetic = rng.standard_normal((60, 16)).astype(np.float32) + 4 * np.eye(3, 16, dtype=np.float32)[y]
     assert probe.run_probe(synthetic, [f"c{v}" for v in y])["test_accuracy"] == 1.0
+
+
+def test_latent_model_example_closes_the_loop(setup: tuple, capsys: pytest.CaptureFixture) -> None:
+    model, _, root = setup
+    clip = root / "clip.wav"  # 2.5 s: 4 chunks, enough for the example's crops of 3
+    sf.write(clip, 0.3 * np.sin(2 * np.pi * 330 * np.arange(int(2.5 * 44100)) / 44100), 44100)
+    out = root / "latent_model"
+    assert _example("latent_model").main([str(clip), "--model", str(model), "-o", str(out), "--steps", "30",
+                                          "--chunks", "3"]) == 0
+    assert len(sorted((out / "latents").rglob("*.m2l"))) == 1
+    z = np.load(out / "generated_latents.npy")
+    assert z.shape == (1, 64, 3 * 8) and np.isfinite(z).all()
+    info = sf.info(str(out / "generated.wav"))
+    assert (info.samplerate, info.frames, info.channels) == (44100, 3 * 32768, 1)
+    printed = capsys.readouterr().out
+    assert "trained 30 steps" in printed and "generated latents (1, 64, 24)" in printed

@@ -124,10 +124,10 @@ def test_low_latency_stream_skips_the_refinement(model: Music2Latent2) -> None:
 def test_bfloat16_on_a_cpu_without_native_support_warns(model: Music2Latent2, monkeypatch: pytest.MonkeyPatch) -> None:
     import music2latent2.inference as inference
 
-    monkeypatch.setattr(inference, "_cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(inference, "cpu_has_fast_bfloat16", lambda: False)
     with pytest.warns(UserWarning, match="emulates bfloat16"):
         EncoderDecoder(model, device="cpu", precision="bfloat16")
-    monkeypatch.setattr(inference, "_cpu_has_fast_bfloat16", lambda: True)
+    monkeypatch.setattr(inference, "cpu_has_fast_bfloat16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EncoderDecoder(model, device="cpu", precision="bfloat16")

@@ -57,8 +57,9 @@ def test_recipe_fine_tunes_a_checkpoint(tmp_path):
     for i, arg in enumerate(recipe):
         if i and recipe[i - 1] in values:
             arg = values[recipe[i - 1]]
-        elif arg.startswith(("my_audio:", "corpus/music:")):
-            arg = str(tmp_path / ("my_audio" if arg.startswith("my") else "corpus")) + ":" + arg.split(":")[1]
+        elif arg.split(":")[0] in ("my_music", "my_audio", "corpus/music"):  # the recipe's placeholder folders
+            folder, sep, weight = arg.partition(":")
+            arg = str(tmp_path / ("my_audio" if folder.startswith("my") else "corpus")) + sep + weight
         args.append(arg)
     args += ["--workers", "0", "--cache-gb", "0.01", "--eval-seconds", "0.2", "--log-every", "1"]
     assert train_main(["train", *args]) == 0

@@ -80,12 +80,21 @@ def test_timestamp_embedding_is_the_chunk_centred_on_it(model: hear.HearModel) -
     torch.testing.assert_close(emb4[0, 1::4], feats_q[0, :, :emb4[0, 1::4].shape[0]].T, rtol=1e-5, atol=1e-5)
 
 
-def test_scene_embedding_is_the_chunk_mean_and_batch_independent(model: hear.HearModel) -> None:
-    audio = _noise(3, 2.74, seed=2)  # hear-validator's scene length
+def test_scene_embedding_is_the_weighted_chunk_mean_and_batch_independent(model: hear.HearModel) -> None:
+    audio = _noise(3, 2.74, seed=2)  # hear-validator's scene length: 4 chunks, the last 69% audio
     scene = hear.get_scene_embeddings(audio, model)
     assert scene.shape == (3, model.scene_embedding_size) and scene.dtype == torch.float32
     feats = EncoderDecoder(model.network, device="cpu").encode(audio[:, None], extract_features=True)  # (3, 1, D, 4)
-    torch.testing.assert_close(scene, feats[:, 0].mean(-1), rtol=1e-5, atol=1e-6)
+    n = audio.shape[-1]
+    weights = torch.tensor([1.0, 1.0, 1.0, (n - 3 * CHUNK) / CHUNK])
+    torch.testing.assert_close(scene, (feats[:, 0] * weights).sum(-1) / weights.sum(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(scene, feats[:, 0].mean(-1), rtol=1e-5, atol=1e-6)  # the padding gets no full vote
+    # An ordinary tensor: it can feed a trainable layer (an inference tensor would raise in backward).
+    probe = torch.nn.Linear(scene.shape[1], 2)
+    probe(scene).sum().backward()
+    assert probe.weight.grad is not None
+    emb, _ = hear.get_timestamp_embeddings(audio, model)
+    assert not emb.is_inference()
     alone = hear.get_scene_embeddings(audio[1:2], model)
     torch.testing.assert_close(alone[0], scene[1], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(scene[0], scene[1])  # different sounds, different embeddings

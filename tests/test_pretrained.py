@@ -1,7 +1,7 @@
 """The shipped checkpoint reconstructs real music it never saw.
 
 The clip is held-out evaluation audio (never trained on), read from ../shared/data/eval at
-run time. The floor is tightened with every training leg (README model card): leg 1 measured
+run time. The floor is tightened with every training leg (docs/model_card.md): leg 1 measured
 0.736 on the first 5 s of this clip; an untrained `small` network scores ~1.9 on it.
 """
 

@@ -212,6 +212,73 @@ def test_command_line_has_evaluate(setup, tmp_path, capsys):
     assert exc.value.code == 0 and "usage: music2latent2 evaluate" in capsys.readouterr().out
 
 
+def test_speeds_are_x_real_time_higher_is_better(setup):
+    results = json.loads((setup["report"] / "results.json").read_text())
+    rows = results["files"]
+    for key in ("encode_x_real_time", "decode_x_real_time"):
+        assert all(r[key] > 0 for r in rows) and not any(k.endswith("_rtf") for r in rows for k in r)
+        # The mean row is the speed of the whole run: all the audio over all the compute time.
+        total_compute = sum(r["seconds"] / r[key] for r in rows)
+        assert results["mean"][key] == pytest.approx(sum(r["seconds"] for r in rows) / total_compute)
+        assert min(r[key] for r in rows) <= results["mean"][key] <= max(r[key] for r in rows)
+    md = (setup["report"] / "results.md").read_text()
+    assert "| encode x real time | decode x real time |" in md and "RTF" not in md
+    page = (setup["report"] / "index.html").read_text()
+    assert "encode x real time <span class=unit>(audio s per compute s, higher is faster)</span>" in page
+    assert "RTF" not in re.sub(r"data:[^']*", "", page)  # outside the embedded pictures and audio
+    assert f"<td>{results['mean']['decode_x_real_time']:.3f}</td>" in page
+    # The comparison colours a faster A as better, a slower one as worse.
+    from music2latent2.report import _metrics_table
+
+    faster = _metrics_table({"encode_x_real_time": 20.0}, {"encode_x_real_time": 10.0}, "c")
+    slower = _metrics_table({"decode_x_real_time": 2.0}, {"decode_x_real_time": 4.0}, "c")
+    assert "<td class=better>+10.000</td>" in faster and "<td class=worse>-2.000</td>" in slower
+
+
+def test_old_results_with_real_time_factors_are_read_as_x_real_time(setup, tmp_path):
+    from music2latent2.report import load_report, upgrade_speed_keys
+
+    # The keys of before: compute seconds per audio second, the mean a mean of the files' RTFs.
+    old = {"files": [{"seconds": 2.0, "encode_rtf": 0.1, "decode_rtf": 0.5},
+                     {"seconds": 1.0, "encode_rtf": 0.4, "decode_rtf": 0.0}],
+           "mean": {"encode_rtf": 0.25, "decode_rtf": 0.25, "si_sdr": 3.0}}
+    new = upgrade_speed_keys(json.loads(json.dumps(old)))
+    assert [r["encode_x_real_time"] for r in new["files"]] == pytest.approx([10.0, 2.5])
+    assert [r["decode_x_real_time"] for r in new["files"]] == pytest.approx([2.0, None])  # 0 s: no speed
+    assert new["mean"]["encode_x_real_time"] == pytest.approx(3.0 / (0.2 + 0.4))  # 3 s of audio in 0.6 s
+    assert new["mean"]["decode_x_real_time"] == pytest.approx(2.0)  # only the timed file counts
+    assert new["mean"]["si_sdr"] == 3.0 and not any("_rtf" in k for k in new["mean"])
+    # Only the mean (rows without speeds): 1 / RTF. Current results are left as they are.
+    assert upgrade_speed_keys({"files": [], "mean": {"encode_rtf": 0.5}})["mean"] == {"encode_x_real_time": 2.0}
+    current = json.loads((setup["report"] / "results.json").read_text())
+    assert upgrade_speed_keys(json.loads(json.dumps(current))) == current
+
+    # A report written before, as --compare's B: its speeds appear as x real time.
+    prior = tmp_path / "prior"
+    shutil.copytree(setup["report"], prior)
+    results = json.loads((prior / "results.json").read_text())
+    for row in results["files"]:
+        for key in ("encode", "decode"):
+            row[f"{key}_rtf"] = 1.0 / row.pop(f"{key}_x_real_time")
+    for key in ("encode", "decode"):
+        del results["mean"][f"{key}_x_real_time"]
+        results["mean"][f"{key}_rtf"] = float(np.mean([r[f"{key}_rtf"] for r in results["files"]]))
+    (prior / "results.json").write_text(json.dumps(results))
+    loaded = load_report(prior)
+    for key in ("encode", "decode"):
+        assert loaded.results["mean"][f"{key}_x_real_time"] == pytest.approx(current["mean"][f"{key}_x_real_time"])
+        for row in current["files"]:
+            assert loaded.rows[row["key"]][f"{key}_x_real_time"] == pytest.approx(row[f"{key}_x_real_time"])
+    report = tmp_path / "with_prior"
+    args = [a for a in setup["args"] if a not in ("--card", str(setup["root"] / "card.png"))]
+    args[args.index("--report") + 1] = str(report)
+    assert eval_main(args + ["--compare", str(prior)]) == 0
+    page = (report / "index.html").read_text()
+    b = loaded.results["mean"]["encode_x_real_time"]
+    assert re.search(rf"encode x real time <span class=unit>\([^)]*\)</span></td><td>[0-9.]+</td><td>{b:.3f}</td>",
+                     page)
+
+
 def _chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["chromium", *CHROMIUM_FLAGS, *args], capture_output=True, text=True, timeout=timeout)
 

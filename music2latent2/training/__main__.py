@@ -1,14 +1,19 @@
-"""Command line: ``python -m music2latent2.training {train,join,export,bench} ...``.
+"""Command line: ``python -m music2latent2.training {train,join,export,bench,ship-check} ...``.
 
     python -m music2latent2.training train --data corpus/music:1 corpus/speech:1 \\
-        --eval-data ../shared/data/eval --preset small --out runs/small --steps 100000
+        --eval-data my_heldout --preset small --out runs/small --steps 100000
     python -m music2latent2.training train --out runs/small --resume          # continue
     python -m music2latent2.training export --state runs/small --data corpus/music --out ckpt/ --fp16
-    python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small \
+    python -m music2latent2.training train --data corpus/leg/music ... --init-from m2l2-small \\
         --max-minutes 9 --snapshot-minutes 2.5 --out runs/leg2   # a relay leg: step and delta continue
     python -m music2latent2.training join runs/leg2/snapshots --out model.safetensors
     python -m music2latent2.training bench --preset small --batch-size 32 --seconds 30 --json
     python -m music2latent2.training ship-check runs/leg2/eval runs/shipped/eval   # exit 0: ship
+
+``train`` checks every argument it can before a model or checkpoint is loaded (data and
+evaluation folders hold readable audio, the run folder can be created, numbers are in range,
+the ``--init-from`` checkpoint and the ``--device`` exist): a bad one ends the run with one line
+``error: ...`` on stderr and exit status 2, and leaves no run folder behind.
 """
 
 from __future__ import annotations
@@ -24,24 +29,29 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import read_metadata, sha256_file
+from ..checkpoint import read_metadata, sha256_file, weights_path
+from ..distributed import launch_env
 from ..evaluate import ViSQOL, evaluate_files, find_audio_files
 from ..inference import EncoderDecoder
 from ..model import Music2Latent2
 from .bench import add_bench_arguments, cmd_bench
-from .data import CropDataset, StepBatches, build_sources, crop_samples, describe_sources, make_step_loader
+from .cli_args import DEFAULTS, HelpFormatter, Parser, UsageError, add_train_arguments
+from .cli_checks import check_end_by, cpu_warning, new_folders, preflight, remove_if_empty
+from .data import (
+    CropDataset,
+    StepBatches,
+    build_sources,
+    crop_samples,
+    describe_sources,
+    make_step_loader,
+)
 from .distributed import LostRank, Ranks, StopSignals, start_ranks
 from .export import export_checkpoint, measure_latent_scale
-from .losses import LOSS_WEIGHTINGS
 from .snapshot import join_snapshot, write_snapshot
 from .state import STATE_NAME, load_state, read_state_configs, save_state
-from .trainer import COMPILE_MODES, OPTIMIZERS, SIGMA_SAMPLERS, TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer
 
-_DEFAULTS = TrainConfig()  # the recipe flags default to the dataclass's values (docs/recipe.md)
-
-
-def _float_or_none(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+_PROG = "python -m music2latent2.training"
 
 
 def _loader(cfg: TrainConfig, trainer: Trainer, num_workers: int | None = None, preload: bool = True) -> tuple:
@@ -94,10 +104,10 @@ def continuation(metadata: Dict[str, str], start_step: int | None, delta_start: 
             delta_start = float(metadata["training_delta"])
             notes.append(f"consistency step continues from the checkpoint's training_delta {delta_start:.4g}")
         else:
-            delta_start = _DEFAULTS.delta_start
+            delta_start = DEFAULTS.delta_start
             notes.append(f"the checkpoint records no training_delta: delta starts at {delta_start:g}")
     if not (math.isfinite(delta_start) and delta_start > 0):
-        raise SystemExit(f"delta must be a positive number, got {delta_start}")
+        raise UsageError(f"delta must be a positive number, got {delta_start}")
     if delta_end > delta_start:
         notes.append(f"delta {delta_start:.4g} is already below --delta-end {delta_end:g}: it stays there")
         delta_end = delta_start
@@ -117,22 +127,26 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
         # An end time, a snapshot request and a growing corpus belong to one lease, not to the run.
         cfg.end_file, cfg.snapshot_request, cfg.data_watch = args.end_file, args.snapshot_request, args.data_watch
         trainer = Trainer(cfg, device, model_config, ranks=ranks)
-        load_state(trainer, out / STATE_NAME)
+        try:
+            load_state(trainer, out / STATE_NAME)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, no traceback
+            raise UsageError(f"--resume: cannot load the training state {out / STATE_NAME}: "
+                             f"{type(err).__name__}: {err}") from err
         say(f"resumed {out} at step {trainer.step}")
         return cfg, trainer
-    if not args.data:
-        raise SystemExit("--data is required (or --resume)")
+    if not args.data:  # preflight says so first; kept for callers of this function
+        raise UsageError("--data is required (or --resume)")
     if (out / STATE_NAME).exists():
-        raise SystemExit(f"{out} already holds a training state; pass --resume or another --out")
+        raise UsageError(f"{out} already holds a training state; pass --resume or another --out")
     overrides = json.loads(args.model_overrides) if args.model_overrides else {}
     init = None
     start_step = args.start_step or 0
-    delta_start = _DEFAULTS.delta_start if args.delta_start is None else args.delta_start
+    delta_start = DEFAULTS.delta_start if args.delta_start is None else args.delta_start
     delta_end = args.delta_end
     if args.init_from:
-        init = Music2Latent2.from_pretrained(args.init_from)  # strict; CheckpointError names what is wrong
         if overrides:
-            raise SystemExit("--model-overrides cannot change a network loaded with --init-from")
+            raise UsageError("--model-overrides cannot change a network loaded with --init-from")
+        init = _load_init(args.init_from)
         assert init.source is not None  # set by from_pretrained
         start_step, delta_start, delta_end, notes = continuation(
             read_metadata(init.source.path), args.start_step, args.delta_start, args.delta_end)
@@ -140,7 +154,7 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
             say(f"note: {note}")
     total_steps = args.steps or (start_step + args.more_steps if args.more_steps else 1_000_000)
     if total_steps <= start_step:
-        raise SystemExit(f"--steps {total_steps} is not beyond the start step {start_step} "
+        raise UsageError(f"--steps {total_steps} is not beyond the start step {start_step} "
                          "(--steps counts from 0; --more-steps counts from the start step)")
     cfg = TrainConfig(preset=args.preset, model_overrides=overrides, data=args.data, eval_data=args.eval_data,
                       out_dir=str(out), batch_size=args.batch_size, lr=args.lr, min_lr=min(args.min_lr, args.lr),
@@ -168,23 +182,52 @@ def _build_trainer(args: argparse.Namespace, out: Path, ranks: Ranks) -> Tuple[T
         assert init.source is not None  # set by from_pretrained
         cfg.init_from, cfg.init_sha256 = init.source.name, init.source.sha256
         trainer = Trainer(cfg, device, init.config.replace(latent_scale=1.0), ranks=ranks)
-        if trainer.init_weights_from(init):
-            say(f"note: the summary tokens and positions of {cfg.init_from} were at a small scale and are "
-                f"re-drawn at std {cfg.summary_init_std:g} (--summary-init-std; 'none' keeps them)")
+        if trainer.init_weights_from(init, summary_tokens=args.summary_tokens):
+            why = "as asked (--redraw-summary-tokens)" if args.summary_tokens == "redraw" else \
+                "as they were at a small scale (--keep-summary-tokens keeps them)"
+            say(f"note: the summary tokens and positions of {cfg.init_from} are re-drawn at std "
+                f"{cfg.summary_init_std:g} (--summary-init-std), {why}")
+        else:
+            why = "as asked (--keep-summary-tokens)" if args.summary_tokens == "keep" or cfg.summary_init_std is None \
+                else f"as they are already at the scale of --summary-init-std {cfg.summary_init_std:g}"
+            say(f"note: the summary tokens and positions of {cfg.init_from} are kept {why}")
         say(f"initialised from {cfg.init_from} (sha256 {cfg.init_sha256[:12]}...) at step {trainer.step}")
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
     return cfg, trainer
 
 
+def _load_init(name: str) -> Music2Latent2:
+    """The ``--init-from`` checkpoint, strictly; a file that fails to load is one line naming it."""
+    try:
+        return Music2Latent2.from_pretrained(name)  # strict; CheckpointError names what is wrong
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, a missing download...: exit 2, no traceback
+        local = Path(name)
+        where = f" {weights_path(local)}" if local.exists() and str(weights_path(local)) not in str(err) else ""
+        raise UsageError(f"--init-from {name}: cannot load the checkpoint{where}: {type(err).__name__}: "
+                         f"{err}") from err
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    preflight(args)  # before anything is loaded or created: one line and exit 2 for a bad argument
+    created = new_folders(out) if launch_env().is_main else []
+    try:
+        return _train(args, out)
+    except BaseException:
+        remove_if_empty(created)  # a run that failed before writing anything leaves nothing behind
+        raise
+
+
+def _train(args: argparse.Namespace, out: Path) -> int:
     ranks = start_ranks(args.device, args.dist_timeout_minutes)
     say = ranks.print
+    if ranks.is_main and ranks.device.type == "cpu":
+        print(cpu_warning(args.device), file=sys.stderr, flush=True)
     try:
         cfg, trainer = _build_trainer(args, out, ranks)
     except ValueError as err:  # a batch that does not split over the ranks, a bad state file...
-        raise SystemExit(f"error: {err}") from err
+        raise UsageError(str(err)) from err
     trainer.sync_ranks()
     say(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {ranks.device}"
         + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
@@ -193,13 +236,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     stops = StopSignals(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, exit
     connected = True  # the process group is intact, so the ranks can leave it together
     try:
-        loader, crop = _loader(cfg, trainer)
+        try:
+            loader, crop = _loader(cfg, trainer)
+        except ValueError as err:  # the folders changed since they were checked
+            raise UsageError(f"--data: {err}") from err
         if args.end_by is not None:
             # An absolute end (a device lease's): whatever loading the data took is already spent.
+            check_end_by(args.end_by, cfg.reserve_minutes)
             left = (args.end_by - time.time()) / 60
-            if left <= cfg.reserve_minutes:
-                raise SystemExit(f"--end-by leaves {left:.2f} min, not more than --reserve-minutes "
-                                 f"{cfg.reserve_minutes:g}")
             cfg.max_minutes = left if cfg.max_minutes is None else min(cfg.max_minutes, left)
             say(f"time budget: {cfg.max_minutes:.2f} min until --end-by")
         on_save, on_eval, on_snapshot = _callbacks(cfg, out, loader, ranks)
@@ -232,6 +276,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"(when a collective fails, another rank has most likely died: its own error is in its log; {saved})",
               file=sys.stderr, flush=True)
         return 1
+    except UsageError:  # every rank finds the same: they can leave the process group together
+        raise
     except BaseException:
         connected = False
         raise
@@ -360,127 +406,45 @@ def cmd_ship_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m music2latent2.training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or --resume) a model")
-    t.add_argument("--data", nargs="+", help="training folders, DIR or DIR:WEIGHT")
-    t.add_argument("--eval-data", default=None, help="held-out folder for periodic evaluation")
-    t.add_argument("--out", required=True, help="run folder (state, logs, exported checkpoints)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--preset", default="small", choices=["paper", "paper_stereo", "small", "tiny"])
-    t.add_argument("--model-overrides", default=None, help='JSON, e.g. \'{"depth": 4}\'')
-    t.add_argument("--steps", type=int, default=None, help="total steps (default 1M; on resume: extend)")
-    t.add_argument("--more-steps", type=int, default=None,
-                   help="total steps as a count from the start step (e.g. from an --init-from checkpoint's)")
-    t.add_argument("--batch-size", type=int, default=16,
-                   help="crops per step over all ranks (the global batch); each of N torchrun ranks takes 1/N")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup", type=int, default=10000)
-    t.add_argument("--ema", type=float, default=0.9999, help="EMA momentum (use ~0.999 for short runs)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int, default=4)
-    t.add_argument("--cache-gb", type=float, default=4.0, help="decoded-audio cache budget")
-    t.add_argument("--save-every", type=int, default=1000)
-    t.add_argument("--eval-every", type=int, default=5000)
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-seconds", type=float, default=10.0, help="evaluate the first N seconds of each file")
-    t.add_argument("--eval-files", type=int, default=16, help="evaluate at most N held-out files")
-    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    t.add_argument("--compile", default=_DEFAULTS.compile, choices=COMPILE_MODES,
-                   help="torch.compile the whole loss as one graph (auto: on CUDA; a failure falls back to eager)")
-    t.add_argument("--compile-cache", default=None,
-                   help="compiled kernels, read at start and written after compiling (default OUT/compile_cache.bin; "
-                        "carry it to the next leg to skip most of the compile)")
-    t.add_argument("--compile-after", type=int, default=_DEFAULTS.compile_after_steps, metavar="STEPS",
-                   help="train this many steps eagerly before compiling; their speed is logged beside the "
-                        "compiled speed")
-    t.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS,
-                   help="radam_fused: the paper's RAdam steps on the fused Adam kernel (no host sync per step); "
-                        "radam: torch's RAdam (one sync per step); adamw: plain fused Adam, no weight decay "
-                        "(docs/recipe.md)")
-    t.add_argument("--channels-last", action="store_true", help="NHWC convolutions (measure with bench first)")
-    t.add_argument("--device", default=None)
-    t.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
-    t.add_argument("--delta-start", type=float, default=None,
-                   help="consistency step at the start, index units (>= 1: start as a pure denoiser; default 0.1, "
-                        "or an --init-from checkpoint's training_delta)")
-    t.add_argument("--delta-end", type=float, default=1e-3, help="consistency step at the end (bf16: keep >= 0.01)")
-    t.add_argument("--sigma-log-mean", type=float, default=-1.1, help="mean of log(sigma) of training noise")
-    t.add_argument("--sigma-log-std", type=float, default=2.0, help="std of log(sigma) of training noise")
-    t.add_argument("--init-from", default=None, help="start online and EMA weights from this checkpoint "
-                   "(file, folder, manifest name or Hub repo id) "
-                   "(fresh optimiser; step count and delta continue from its metadata)")
-    t.add_argument("--start-step", type=int, default=None,
-                   help="step counter at the start; schedules run from it (default 0, or an --init-from "
-                        "checkpoint's training_step)")
-    t.add_argument("--max-minutes", type=float, default=None,
-                   help="time budget: schedules end when it does (speed measured over the first steps)")
-    t.add_argument("--end-by", type=float, default=None, metavar="UNIX_SECONDS",
-                   help="absolute time budget (e.g. a device lease's end): the minutes left once the data "
-                        "is loaded, as --max-minutes (the smaller of the two)")
-    t.add_argument("--end-file", default=None, metavar="PATH",
-                   help="a file holding the UNIX time to end by, re-read every 5 s: moving it moves the end "
-                        "and re-lays the schedules (a device lease whose spent time is known only later)")
-    t.add_argument("--snapshot-request", default=None, metavar="PATH",
-                   help="a file whose every new content asks for a snapshot at the next step (a device poll "
-                        "that is about to return); the snapshot's pieces.json records that content")
-    t.add_argument("--data-watch", default=None, metavar="PATH",
-                   help="a file rewritten whenever new audio arrives in the --data folders: the loader then "
-                        "takes the new files in (folders may start empty; batches then depend on arrival times)")
-    t.add_argument("--reserve-minutes", type=float, default=0.5,
-                   help="part of --max-minutes kept free at the end for the final export")
-    t.add_argument("--calibrate-steps", type=int, default=100, help="steps timed to lay out a --max-minutes budget")
-    t.add_argument("--snapshot-minutes", type=float, default=None,
-                   help="every M minutes write fp16 EMA weights in pieces to OUT/snapshots")
-    t.add_argument("--snapshot-piece-mib", type=float, default=15.0, help="largest snapshot piece (MiB)")
-    t.add_argument("--latent-penalty", type=float, default=0.0,
-                   help="weight of the penalty on encoder pre-tanh values beyond --pre-tanh-limit")
-    t.add_argument("--pre-tanh-limit", type=float, default=2.0)
-    t.add_argument("--max-consecutive-skips", type=int, default=_DEFAULTS.max_consecutive_skips,
-                   help="stop (exit 1) after this many non-finite steps in a row: the run has diverged")
-    t.add_argument("--dist-timeout-minutes", type=float, default=30.0,
-                   help="under torchrun: how long a rank waits for the others (rank 0 evaluating or saving) "
-                        "before the run fails instead of hanging")
-    recipe = t.add_argument_group("recipe (docs/recipe.md)")
-    recipe.add_argument("--sigma-sampler", default=_DEFAULTS.sigma_sampler, choices=SIGMA_SAMPLERS,
-                        help="lognormal: log(sigma) ~ N(mean, std) as asked; legacy_density: the first leg's draw")
-    recipe.add_argument("--sigma-uniform-share", type=float, default=_DEFAULTS.sigma_uniform_share,
-                        help="share of noise indices drawn uniformly in the index (more high-sigma draws; no gain "
-                             "measured in docs/recipe.md)")
-    recipe.add_argument("--loss-weighting", default=_DEFAULTS.loss_weighting, choices=LOSS_WEIGHTINGS,
-                        help="inverse_delta: 1/delta_sigma (v1); edm: the same times sqrt(sigma^2+sd^2)/sd")
-    recipe.add_argument("--context-share", type=float, default=_DEFAULTS.context_share,
-                        help="share of windows with a lightly noised context chunk before a noisy one")
-    recipe.add_argument("--context-sigma", type=float, default=_DEFAULTS.context_sigma,
-                        help="noise level of such a context chunk")
-    recipe.add_argument("--summary-init-std", type=_float_or_none, default=_DEFAULTS.summary_init_std,
-                        help="std of the summary tokens and their decoder positions at initialisation, "
-                             "re-drawn after --init-from while the checkpoint's are below half of it ('none': "
-                             "the modules' own small init, or the checkpoint's tokens)")
-    recipe.add_argument("--gain-db", type=float, nargs=2, default=_DEFAULTS.gain_db, metavar=("LOW", "HIGH"),
-                        help="peak level range of training crops, dBFS")
+    """Entry point of ``python -m music2latent2.training``; returns the exit status (0 done; 1 the run
+    diverged or a rank failed; 3 ship-check: do not ship). A bad argument prints one line
+    ``error: ...`` on stderr and raises ``SystemExit(2)``, before any model is loaded."""
+    parser = Parser(prog=_PROG, formatter_class=HelpFormatter,
+                     epilog="exit status: 0 ok, 1 diverged or a rank failed, 2 bad arguments or input, "
+                            "3 ship-check: do not ship")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    t = command("train", "train a model: new, from a checkpoint (--init-from, a fine-tune) or --resume")
+    add_train_arguments(t)
     t.set_defaults(func=cmd_train)
-    j = sub.add_parser("join", help="join and verify a snapshot's pieces into one checkpoint")
+    j = command("join", "join and verify a snapshot's pieces into one checkpoint")
     j.add_argument("snapshot", help="a snapshot folder, or OUT/snapshots (its LATEST one)")
     j.add_argument("--out", required=True, help="checkpoint to write (.safetensors or a folder)")
     j.set_defaults(func=cmd_join)
-    e = sub.add_parser("export", help="EMA weights of a training state -> inference checkpoint")
+    e = command("export", "EMA weights of a training state -> inference checkpoint")
     e.add_argument("--state", required=True, help="run folder or state.safetensors")
     e.add_argument("--out", required=True, help="checkpoint directory or .safetensors path")
     e.add_argument("--data", nargs="+", default=None, help="folders to measure the latent scale on "
                    "(default: the run's training data)")
     e.add_argument("--fp16", action="store_true", help="store weights in float16")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help="where to measure the latent scale (default: cpu)")
     e.set_defaults(func=cmd_export)
-    b = sub.add_parser("bench", help="time real training steps: samples/s, FLOPs, memory, compile time")
+    b = command("bench", "time real training steps: samples/s, FLOPs, memory, compile time")
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
-    sc = sub.add_parser("ship-check", help="does a candidate beat the shipped model? (exit 0: ship, 3: do not)")
+    sc = command("ship-check", "does a candidate beat the shipped model? (exit 0: ship, 3: do not)")
     sc.add_argument("candidate", help="results.json (or its folder) of the candidate's evaluation")
     sc.add_argument("shipped", help="results.json (or its folder) of the shipped model's, same files and settings")
     sc.set_defaults(func=cmd_ship_check)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"{launch_env().tag()}error: {err}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Tensors (model, EMA, optimiser state, RNG state) are safetensors entries; everything else
 (step counters, configs, optimiser hyperparameters and scalar state) is JSON in the file's
 metadata. The file is written to a temp name and renamed, so a crash never leaves a torn state.
+The metadata records the tensors' ``content_sha256`` (defined in :mod:`music2latent2.checkpoint`);
+a resume recomputes it and refuses a file whose data was damaged since it was written.
 Data order needs no saved state: the batch of each step is drawn from ``(seed, step, rank)``
 (``data.StepBatches``). A data-parallel run saves every rank's noise generator into rank 0's file.
 """
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import CONTENT_HASH_KEY, CheckpointError, content_sha256, read_safetensors_metadata, verify_content
 from ..config import ModelConfig
 from ..fileio import atomic_write
 from .trainer import TrainConfig, Trainer, noise_seed
@@ -81,31 +84,77 @@ def save_state(trainer: Trainer, path: Union[str, os.PathLike]) -> Path:
             "best_metric": trainer.best_metric, "optimizer": optim_meta, "optimizer_steps": trainer.optimizer_steps,
             "rng_device": trainer.generator.device.type, "world_size": trainer.ranks.world_size}
     metadata = {"format": "pt", "music2latent2_train_state": STATE_FORMAT, "info": json.dumps(info),
-                "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json()}
+                "train_config": trainer.config.to_json(), "model_config": trainer.model.config.to_json(),
+                CONTENT_HASH_KEY: content_sha256(tensors)}
     return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_state_configs(path: Union[str, os.PathLike]) -> tuple[TrainConfig, ModelConfig]:
-    """The training and model configs stored in a state file."""
-    p = _state_path(path)
+def _state_metadata(p: Path) -> Dict[str, str]:
     if not p.is_file():
-        raise ValueError(f"training state not found: {p}")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
+        raise CheckpointError(f"training state not found: {p}")
+    meta = read_safetensors_metadata(p)  # CheckpointError naming the file: truncated, not safetensors, ...
     if meta.get("music2latent2_train_state") != STATE_FORMAT:
-        raise ValueError(f"{p} is not a music2latent2 training state ({STATE_FORMAT})")
-    return TrainConfig.from_json(meta["train_config"]), ModelConfig.from_json(meta["model_config"])
+        raise CheckpointError(f"{p} is not a music2latent2 training state ({STATE_FORMAT})")
+    return meta
+
+
+def _json_entry(p: Path, meta: Dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError) as err:
+        problem = "is missing" if isinstance(err, KeyError) else f"is not valid JSON ({err})"
+        raise CheckpointError(f"training state {p} is corrupt: its {key!r} metadata {problem}") from err
+
+
+def read_state_configs(path: Union[str, os.PathLike]) -> tuple[TrainConfig, ModelConfig]:
+    """The training and model configs stored in a state file.
+
+    Raises:
+        CheckpointError (a ValueError) naming the file: missing, not a whole safetensors file,
+            not a training state, or configs that are missing, not JSON or invalid.
+    """
+    p = _state_path(path)
+    return _configs(p, _state_metadata(p))
+
+
+def _configs(p: Path, meta: Dict[str, str]) -> tuple[TrainConfig, ModelConfig]:
+    for key in ("train_config", "model_config"):
+        _json_entry(p, meta, key)
+    try:
+        return TrainConfig.from_json(meta["train_config"]), ModelConfig.from_json(meta["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"training state {p} has an invalid config: {err}") from err
 
 
 def load_state(trainer: Trainer, path: Union[str, os.PathLike]) -> None:
-    """Restore model, EMA, optimiser, RNG and counters into ``trainer`` (strict)."""
+    """Restore model, EMA, optimiser, RNG and counters into ``trainer`` (strict).
+
+    Raises:
+        CheckpointError (a ValueError) naming the file: unreadable or corrupt (including tensor
+            data that does not match the recorded ``content_sha256``), saved for another model
+            config, or tensors that do not fit the model or optimiser.
+    """
     p = _state_path(path)
-    _, model_config = read_state_configs(p)
+    meta = _state_metadata(p)
+    _, model_config = _configs(p, meta)
     if model_config.to_dict() != trainer.model.config.to_dict():
-        raise ValueError(f"{p} was saved for a different model config")
-    with safe_open(str(p), framework="pt") as f:
-        info = json.loads((f.metadata() or {})["info"])
-    tensors = load_file(str(p), device="cpu")
+        raise CheckpointError(f"{p} was saved for a different model config")
+    info = _json_entry(p, meta, "info")
+    try:
+        tensors = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read training state {p}: {err}") from err
+    verify_content(p, tensors, meta)
+    try:
+        _restore(trainer, p, tensors, info)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"training state {p} cannot be restored into this run ({type(err).__name__}: "
+                              f"{err})") from err
+
+
+def _restore(trainer: Trainer, p: Path, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]) -> None:
     for prefix, module in (("model/", trainer.model), ("ema/", trainer.ema)):
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)

@@ -39,7 +39,7 @@ from .losses import (
 )
 
 __all__ = ["TrainConfig", "Trainer", "noise_seed", "LEGACY_TRAIN_FIELDS", "OPTIMIZERS", "COMPILE_MODES",
-           "radam_rectification", "CONTROL_EVERY", "STOP_REASONS"]
+           "radam_rectification", "CONTROL_EVERY", "STOP_REASONS", "SUMMARY_TOKEN_MODES"]
 
 # Values a training state written before a field existed was trained with: such a state resumes
 # with these, not with today's defaults (docs/recipe.md says what changed and why).
@@ -64,6 +64,8 @@ _SUMMED = ("loss", "saturated", "pre_tanh_std", "high_sigma_share")
 CONTROL_EVERY = 10
 # Why Trainer.fit returned.
 STOP_REASONS = ("steps", "time", "signal", "diverged", "data")
+# What Trainer.init_weights_from does with a checkpoint's summary tokens (its docstring says when).
+SUMMARY_TOKEN_MODES = ("auto", "redraw", "keep")
 
 
 def radam_rectification(t: int, beta2: float) -> float:
@@ -356,24 +358,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._loss, self.compiled = self.parallel_loss, False
 
-    def init_weights_from(self, model: Music2Latent2) -> bool:
+    def init_weights_from(self, model: Music2Latent2, summary_tokens: str = "auto") -> bool:
         """Start the online and EMA weights from ``model`` (a shipped checkpoint); the optimiser
         stays fresh, which is why a relay leg warms its learning rate up again.
 
-        With ``config.summary_init_std`` set, summary tokens still at a small initial scale (std
-        below half of it, as in every checkpoint trained before that option) are re-drawn at it;
-        tokens a run already trained at that scale are kept, so a relay of legs does not throw
-        away what the previous leg learned.
+        Args:
+            model: the checkpoint's network (the same config as the run's, but for ``latent_scale``).
+            summary_tokens: what becomes of its encoder summary tokens and decoder summary positions.
+                ``"auto"`` (the default): with ``config.summary_init_std`` set, tokens still at a
+                small initial scale (std below half of it, as in every checkpoint trained before that
+                option, ``m2l2-small`` among them) are re-drawn at it; tokens a run already trained at
+                that scale are kept, so a relay of legs does not throw away what the previous leg
+                learned. ``"redraw"``: re-drawn at ``config.summary_init_std`` whatever their scale.
+                ``"keep"``: kept as the checkpoint has them.
 
         Returns:
             True if the summary tokens and positions were re-drawn.
+
+        Raises:
+            ValueError: another model config; an unknown ``summary_tokens``; ``"redraw"`` without a
+                ``config.summary_init_std`` to draw them at.
         """
+        if summary_tokens not in SUMMARY_TOKEN_MODES:
+            raise ValueError(f"summary_tokens must be one of {SUMMARY_TOKEN_MODES}, got {summary_tokens!r}")
+        target = self.config.summary_init_std
+        if summary_tokens == "redraw" and target is None:
+            raise ValueError("re-drawing the summary tokens needs a summary_init_std to draw them at")
         if model.config.replace(latent_scale=1.0).to_dict() != self.model.config.replace(latent_scale=1.0).to_dict():
             raise ValueError("the checkpoint's model config differs from the run's")
         state = model.state_dict()
         self.model.load_state_dict(state, strict=True)
-        target = self.config.summary_init_std
-        redraw = target is not None and float(self.model.encoder.summary_tokens.detach().std()) < 0.5 * target
+        small = target is not None and float(self.model.encoder.summary_tokens.detach().std()) < 0.5 * target
+        redraw = summary_tokens == "redraw" or (summary_tokens == "auto" and small)
         if redraw:
             assert target is not None
             # Re-drawn on purpose: a checkpoint whose K slots collapsed into copies of one vector

@@ -113,6 +113,6 @@ SOUNDFONTS: Tuple[SoundFont, ...] = (
 # Tools the handlers run, and the Debian package that provides each.
 TOOL_PACKAGES: Dict[str, str] = {"openmpt123": "openmpt123", "lmms": "lmms", "espeak-ng": "espeak-ng"}
 
-# Licences of the sub-folders of ../shared/data/train_real-like folders passed with --real.
+# Licences of known sub-folders (one per source) of a recordings folder passed with --real.
 REAL_LICENCES: Dict[str, str] = {"weresax": "CC0-1.0", "splendid_grand_piano": "public domain",
                                  "sonic_pi": "CC0-1.0", "sms_tools_sounds": "CC-BY-4.0"}
