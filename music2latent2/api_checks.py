@@ -48,8 +48,10 @@ def check_batch_size(size: object) -> int:
 
 
 def refuse_positional(method: str, extra: Tuple[Any, ...], v1_note: str) -> None:
+    """A TypeError naming the keywords to use when ``extra`` positional arguments were given."""
     if extra:
-        raise TypeError(f"{method}() takes one positional argument, got {1 + len(extra)}: {v1_note}")
+        raise TypeError(f"{method}() takes only its first argument by position, got {1 + len(extra)} positional "
+                        f"arguments: {v1_note}")
 
 
 def ignore_v1_memory_knob(max_waveform_length: Optional[int]) -> None:
