@@ -65,6 +65,8 @@ def ordinary(result: Any) -> Any:
     """Inference tensors (made under ``torch.inference_mode``) raise "Inference tensors cannot be
     saved for backward" in any trainable layer; a clone made outside the mode is an ordinary tensor.
     The copy costs one output buffer, far less than the network evaluations that made it."""
+    if torch.is_inference_mode_enabled():  # a caller's inference mode: a clone would be one too
+        return result
     if isinstance(result, tuple):
         return tuple(ordinary(r) for r in result)
     if isinstance(result, torch.Tensor) and result.is_inference():

@@ -10,6 +10,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .fileio import find_files
+
 __all__ = ["AudioLike", "AUDIO_EXTENSIONS", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_TIME_LAST_GUESS",
            "find_audio_files", "load_audio", "to_float_array", "resample", "check_finite", "check_sample_rate",
            "check_time_last"]
@@ -71,8 +73,7 @@ def find_audio_files(path: Union[str, os.PathLike]) -> List[Path]:
         return [p]
     if not p.is_dir():
         raise ValueError(f"audio file or folder not found: {p}")
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return find_files(p, AUDIO_EXTENSIONS)
 
 
 def load_audio(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:

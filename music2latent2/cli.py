@@ -34,7 +34,7 @@ from .audio import AUDIO_EXTENSIONS, check_finite, check_sample_rate, load_audio
 from .devices import resolve_device
 from .distributed import LaunchEnv, launch_env
 from .features import clip_features
-from .fileio import atomic_write, check_output_dir, nearest_existing
+from .fileio import atomic_write, check_output_dir, find_files, nearest_existing
 from .latents_io import LatentMetadata, load_latents, save_latents
 from .sampling import (
     DEFAULT_DENOISING_STEPS,
@@ -148,10 +148,7 @@ def collect_jobs(inputs: Sequence[str], out: str, command: str, out_suffix: str)
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p)
-                if f.is_file() and f.suffix.lower() in exts and not any(s.startswith(".") for s in rel.parts):
-                    pairs.append((f, rel.with_suffix(out_suffix).as_posix()))
+            pairs += [(f, f.relative_to(p).with_suffix(out_suffix).as_posix()) for f in find_files(p, exts)]
         elif p.is_file():
             pairs.append((p, out_path.name if single_file else Path(p.name).with_suffix(out_suffix).as_posix()))
         else:

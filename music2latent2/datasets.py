@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .latents_io import TENSOR_NAME, LatentFileError, LatentMetadata, read_latent_header
+from .fileio import find_files
+from .latents_io import LatentMetadata, read_latent_header, read_latent_slice
 
 __all__ = ["LatentDataset", "LatentStats", "find_latent_files"]
 
@@ -35,11 +36,7 @@ def find_latent_files(root: Union[str, os.PathLike]) -> List[Path]:
         return [base]
     if not base.is_dir():
         raise FileNotFoundError(f"latent folder not found: {base}")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath, f) for f in filenames if f.lower().endswith(".m2l") and not f.startswith(".")]
-    return sorted(found)
+    return find_files(base, {".m2l"})
 
 
 @dataclass(frozen=True)
@@ -159,7 +156,7 @@ class LatentDataset(Dataset):
         start = 0
         if self.random_crop and take < chunks:
             start = int(torch.randint(chunks - take + 1, ()))
-        z = _read_slice(self.files[file_index], sequence, start * k, (start + take) * k)  # (d_lat, take*K)
+        z = read_latent_slice(self.files[file_index], sequence, start * k, (start + take) * k)  # (d_lat, take*K)
         if self.normalize:
             stats = self.stats
             z = (z - stats.mean[:, None]) / stats.std[:, None]
@@ -197,25 +194,12 @@ def _check_same_model(first: Tuple[Path, LatentMetadata], path: Path, meta: Late
                          "a dataset's latents must all come from one model")
 
 
-def _read_slice(path: Path, sequence: int, start: int, stop: Optional[int]) -> torch.Tensor:
-    """Positions ``start:stop`` (None: to the end) of one sequence; safetensors reads only that part."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            part = f.get_slice(TENSOR_NAME)
-            z = part[sequence:sequence + 1, :, start:part.get_shape()[-1] if stop is None else stop][0]
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise LatentFileError(f"cannot read latent file {path}: {err}") from err
-    return z.to(torch.float32).contiguous()
-
-
 def _compute_stats(sources: Sequence[Tuple[Path, int]], latent_dim: int) -> LatentStats:
     total = torch.zeros(latent_dim, dtype=torch.float64)
     squares = torch.zeros(latent_dim, dtype=torch.float64)
     count = 0
     for path, sequence in sources:
-        z = _read_slice(path, sequence, 0, None).double()  # (d_lat, L)
+        z = read_latent_slice(path, sequence, 0, None).double()  # (d_lat, L)
         total += z.sum(dim=1)
         squares += (z * z).sum(dim=1)
         count += z.shape[1]

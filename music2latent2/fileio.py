@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Collection, List, Optional, Union
 
-__all__ = ["atomic_write", "check_output_dir", "nearest_existing", "safetensors_problem"]
+__all__ = ["atomic_write", "check_output_dir", "find_files", "nearest_existing", "safetensors_problem"]
 
 # safetensors files start with an 8-byte little-endian header size, then a JSON header.
 _MAX_HEADER = 100_000_000  # safetensors' own limit
@@ -105,3 +105,12 @@ def check_output_dir(path: Union[str, os.PathLike]) -> None:
     except OSError as err:
         raise type(err)(err.errno, f"cannot create files in output folder {existing} ({err.strerror})") from None
     os.unlink(probe)
+
+
+def find_files(folder: Union[str, os.PathLike], suffixes: Collection[str]) -> List[Path]:
+    """Files below ``folder`` whose suffix (any case) is one of ``suffixes`` (lower case, with the
+    dot), recursive and sorted. Hidden files and folders are skipped: among them the temp files of
+    an interrupted :func:`atomic_write`, which must never be read as finished outputs."""
+    root = Path(folder)
+    return sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                  and not any(part.startswith(".") for part in f.relative_to(root).parts))

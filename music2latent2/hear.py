@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api_checks import ordinary
+from .api_checks import inference_api
 from .devices import DeviceLike, resolve_device
 from .features import clip_features
 from .inference import EncoderDecoder
@@ -133,6 +133,7 @@ def _check_audio(audio: Union[torch.Tensor, np.ndarray], model: HearModel) -> to
     return audio.detach()
 
 
+@inference_api
 def get_scene_embeddings(audio: Union[torch.Tensor, np.ndarray], model: HearModel) -> torch.Tensor:
     """One embedding per sound: the chunk features averaged over the sound's chunks (paper, V-5),
     each chunk weighted by its share of real audio (:func:`~music2latent2.features.clip_features`:
@@ -146,14 +147,13 @@ def get_scene_embeddings(audio: Union[torch.Tensor, np.ndarray], model: HearMode
         (n_sounds, model.scene_embedding_size) float32, on the audio's device; an ordinary
         tensor (not an inference tensor), so it can feed a trainable layer.
     """
-    with torch.inference_mode():
-        wav = _check_audio(audio, model)
-        # encode() brings each sound's peak to the model's input level: embeddings do not depend on the gain.
-        features = model.codec().encode(wav[:, None, :], sr=model.sample_rate, extract_features=True)  # (B, 1, D, n)
-        scene = clip_features(features[:, 0].float(), wav.shape[-1], model.network.config.chunk_samples)  # (B, D)
-    return ordinary(scene)
+    wav = _check_audio(audio, model)
+    # encode() brings each sound's peak to the model's input level: embeddings do not depend on the gain.
+    features = model.codec().encode(wav[:, None, :], sr=model.sample_rate, extract_features=True)  # (B, 1, D, n)
+    return clip_features(features[:, 0].float(), wav.shape[-1], model.network.config.chunk_samples)  # (B, D)
 
 
+@inference_api
 def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
                              model: HearModel) -> Tuple[torch.Tensor, torch.Tensor]:
     """Embeddings centred on regularly spaced timestamps, every ``model.hop_ms`` from 0 ms.
@@ -171,13 +171,6 @@ def get_timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
         timestamps (n_sounds, n_timestamps) in milliseconds, both on the audio's device (ordinary
         tensors, not inference tensors).
     """
-    with torch.inference_mode():
-        result = _timestamp_embeddings(audio, model)
-    return ordinary(result)  # outside inference mode, or the copy would be an inference tensor too
-
-
-def _timestamp_embeddings(audio: Union[torch.Tensor, np.ndarray],
-                          model: HearModel) -> Tuple[torch.Tensor, torch.Tensor]:
     wav = _check_audio(audio, model)
     # Each sound at the model's input level, by its own peak, as in get_scene_embeddings; the
     # passes below are then encoded as they are (a pass's own peak may differ from the sound's).

@@ -24,7 +24,7 @@ from .api_checks import (
     chunk_progress,
     cpu_has_fast_bfloat16,
     ignore_v1_memory_knob,
-    ordinary,
+    inference_api,
     parse_precision,
     refuse_positional,
     require_int,
@@ -252,10 +252,9 @@ class EncoderDecoder:
                            "in music2latent (v1) the second argument was max_waveform_length; pass sr=, "
                            "extract_features=, max_batch_size=... by name")
         ignore_v1_memory_knob(max_waveform_length)
-        with torch.inference_mode():
-            result = self._encode(audio, sr, extract_features, max_batch_size, normalize, return_gain, progress)
-        return ordinary(result)
+        return self._encode(audio, sr, extract_features, max_batch_size, normalize, return_gain, progress)
 
+    @inference_api
     def _encode(self, audio: AudioLike, sr: int, extract_features: bool, max_batch_size: Optional[int],
                 normalize: bool, return_gain: bool, progress: bool) -> Any:
         batch = self._prepare_audio(audio, sr)
@@ -401,11 +400,10 @@ class EncoderDecoder:
                            "in music2latent (v1) the second argument was denoising_steps; pass "
                            "denoising_steps=..., and length=... for the number of samples, by name")
         ignore_v1_memory_knob(max_waveform_length)
-        with torch.inference_mode():
-            result = self._decode(latents, length, gain, max_batch_size, denoising_steps, sigma_cond, seed, generator,
-                                  mode, progress)
-        return ordinary(result)  # outside inference mode, or the copy would be an inference tensor too
+        return self._decode(latents, length, gain, max_batch_size, denoising_steps, sigma_cond, seed, generator, mode,
+                            progress)
 
+    @inference_api
     def _decode(self, latents: Union[np.ndarray, torch.Tensor], length: Optional[int], gain: Optional[GainLike],
                 max_batch_size: Optional[int], denoising_steps: int, sigma_cond: float, seed: Optional[int],
                 generator: Optional[torch.Generator], mode: str, progress: bool) -> Union[np.ndarray, torch.Tensor]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 __all__ = ["LATENT_FORMAT", "LATENT_FORMAT_VERSION", "LatentFileError", "LatentMetadata", "save_latents",
-           "load_latents", "read_latent_header"]
+           "load_latents", "read_latent_header", "read_latent_slice"]
 
 LATENT_FORMAT = "music2latent2-latents"
 LATENT_FORMAT_VERSION = "3"
@@ -219,6 +219,28 @@ def read_latent_header(path: Union[str, os.PathLike]) -> Tuple[Tuple[int, ...], 
         LatentFileError: as :func:`load_latents`.
     """
     return _read(path, with_tensor=False)[1:]
+
+
+def read_latent_slice(path: Union[str, os.PathLike], sequence: int, start: int = 0,
+                      stop: Optional[int] = None) -> torch.Tensor:
+    """Positions ``start:stop`` (None: to the end) of latent sequence ``sequence`` of a ``.m2l``
+    file, as a float32 (d_lat, stop - start) tensor. safetensors reads only that part of the file,
+    so random crops of long files cost what the crop costs. The file's metadata is not checked
+    here: :func:`read_latent_header` does that once per file.
+
+    Raises:
+        LatentFileError: the file cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            part = f.get_slice(TENSOR_NAME)
+            end = part.get_shape()[-1] if stop is None else stop
+            z = part[sequence:sequence + 1, :, start:end][0]
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise LatentFileError(f"cannot read latent file {path}: {err}") from err
+    return z.to(torch.float32).contiguous()
 
 
 def load_latents(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, LatentMetadata]:
